@@ -1,0 +1,57 @@
+"""The `maskrun` command: Hydra's entry point behind an error boundary.
+
+Bad input exits 2 with one line `maskrun: error: <what> (<how to fix>)` before any work starts;
+a failure during a run exits 1 and is recorded in that run's metrics.json.
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from maskrun.errors import ConfigError
+
+CONFIG_MODULE = "maskrun.conf"
+
+
+@hydra.main(version_base="1.3", config_path="pkg://" + CONFIG_MODULE, config_name="config")
+def hydra_main(cfg: DictConfig) -> None:
+    from maskrun.job import run_job  # heavy imports stay off the --help path
+
+    run_job(cfg)
+
+
+def main() -> None:
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as err:
+        report_error(err)
+        sys.exit(2)
+    hydra_main()
+
+
+def report_error(err: ConfigError) -> None:
+    print(f"maskrun: error: {err}", file=sys.stderr)
+    for line in err.help_lines:
+        print(f"  {line}", file=sys.stderr)
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Compose every job's config and check it, so that bad input is refused before any work."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        raise ConfigError("unrecognised command-line flag", "see maskrun --help") from None
+    if args.help or args.hydra_help or args.shell_completion:
+        return
+    from maskrun.validate import check_config, compose_jobs
+
+    for cfg in compose_jobs(CONFIG_MODULE, args.config_name or "config", args.overrides, args.multirun):
+        if not (args.cfg or args.info):
+            check_config(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Task metrics of the fine-tuned model, and interference: what fine-tuning did to pretraining."""
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorForLanguageModeling
+
+from maskrun.models import load_pretraining_model
+from maskrun.pretrain import masked_lm_loss, pack_texts
+
+EVAL_SEED = 1234  # the same masked positions before and after fine-tuning
+
+
+def macro_f1(pred: list[int], gold: list[int], num_labels: int) -> float:
+    f1s = []
+    for c in range(num_labels):
+        tp = sum(p == c and g == c for p, g in zip(pred, gold))
+        fp = sum(p == c and g != c for p, g in zip(pred, gold))
+        fn = sum(p != c and g == c for p, g in zip(pred, gold))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(f1s) / num_labels
+
+
+@torch.no_grad()
+def classify(model, tokenizer, split, max_length: int, device: torch.device, batch_size: int = 256) -> dict:
+    model.eval()
+    pred = []
+    for i in range(0, len(split), batch_size):
+        batch = tokenizer(split.texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        pred += logits.argmax(-1).tolist()
+    accuracy = sum(p == g for p, g in zip(pred, split.labels)) / len(split)
+    return {"accuracy": accuracy, "macro_f1": macro_f1(pred, split.labels, model.config.num_labels)}
+
+
+def heldout_blocks(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out pretraining text with a fixed set of masked positions."""
+    blocks = pack_texts(tokenizer, texts, max_length)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=EVAL_SEED)
+    return collator.torch_mask_tokens(blocks.clone())
+
+
+@torch.no_grad()
+def mlm_loss(model, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(inputs), batch_size):
+        n = int(labels[i:i + batch_size].ne(-100).sum())
+        total += masked_lm_loss(model, inputs[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)).item() * n
+        count += n
+    return total / count
+
+
+@torch.no_grad()
+def hidden_states(backbone, inputs: torch.Tensor, device: torch.device, batch_size: int) -> list[torch.Tensor]:
+    """Each layer's hidden states at the non-padding positions, as (tokens, hidden) matrices."""
+    backbone.eval()
+    layers = None
+    for i in range(0, len(inputs), batch_size):
+        ids = inputs[i:i + batch_size].to(device)
+        keep = ids.ne(backbone.config.pad_token_id)
+        out = backbone(input_ids=ids, attention_mask=keep, output_hidden_states=True).hidden_states
+        chunk = [h[keep].double().cpu() for h in out]
+        layers = chunk if layers is None else [torch.cat([a, b]) for a, b in zip(layers, chunk)]
+    return layers
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x - x.mean(0), y - y.mean(0)
+    cross = (y.T @ x).norm() ** 2
+    return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def layer_of(name: str) -> str:
+    match = re.search(r"layers?\.(\d+)\.", name)
+    if match:
+        return f"layer.{match.group(1)}"
+    return "embeddings" if "embed" in name else "other"
+
+
+def drift_l2(pretrained: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor]) -> dict:
+    """‖W_ft − W_pre‖ per layer and in total, over the pretrained parameters."""
+    squares: dict[str, float] = {}
+    for name, before in pretrained.items():
+        squares[layer_of(name)] = squares.get(layer_of(name), 0.0) + float((finetuned[name].float() - before.float()).pow(2).sum())
+    return {"total": sum(squares.values()) ** 0.5, "per_layer": {k: v ** 0.5 for k, v in squares.items()}}
+
+
+def interference(pretrained_dir: Path, finetuned_model, tokenizer, heldout_texts: list[str], max_length: int,
+                 device: torch.device, batch_size: int) -> dict:
+    """Forgetting (held-out MLM loss after − before), CKA of hidden states, and weight drift."""
+    inputs, labels = heldout_blocks(tokenizer, heldout_texts, max_length)
+    model = load_pretraining_model(pretrained_dir).to(device)
+    before_states = {k: v.clone() for k, v in model.base_model.state_dict().items()}
+    loss_before = mlm_loss(model, inputs, labels, device, batch_size)
+    hidden_before = hidden_states(model.base_model, inputs, device, batch_size)
+    # The fine-tuned backbone under the pretrained MLM head.
+    result = model.base_model.load_state_dict(finetuned_model.base_model.state_dict(), strict=False)
+    assert not result.missing_keys, f"fine-tuned backbone lacks {result.missing_keys}"
+    loss_after = mlm_loss(model, inputs, labels, device, batch_size)
+    hidden_after = hidden_states(model.base_model, inputs, device, batch_size)
+    cka_per_layer = [linear_cka(a, b) for a, b in zip(hidden_before, hidden_after)]
+    prefix = finetuned_model.base_model_prefix + "."
+    drift = drift_l2({prefix + k: v for k, v in before_states.items()},
+                     {prefix + k: v for k, v in model.base_model.state_dict().items()})
+    return {
+        "pretrain_loss_before": loss_before,
+        "pretrain_loss_after": loss_after,
+        "forgetting": loss_after - loss_before,
+        "cka": sum(cka_per_layer) / len(cka_per_layer),
+        "cka_per_layer": cka_per_layer,
+        "drift_l2": drift["total"],
+        "drift_l2_per_layer": drift["per_layer"],
+    }

