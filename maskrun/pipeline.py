@@ -41,7 +41,7 @@ def run(cfg, run_dir: Path, metrics: dict) -> None:
         pretrained_dir, hits["pretrain"] = cache.fetch(
             "pretrain", pretrain_inputs,
             lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed))
-        metrics["artifacts"] = {"pretrained": str(pretrained_dir), "mask": "mask.safetensors", "finetuned": None}
+        metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": "mask.safetensors", "finetuned": None}
 
     with stage_timer(timing, "mask"):
         model = load_task_model(pretrained_dir, task.num_labels).to(device)
