@@ -8,10 +8,11 @@ exactly round(ratio * eligible) entries are frozen, each allocation unit within 
 its share; at row or tensor granularity each unit is within one row or tensor of its share.
 
 Global element selection over a model's ~10^8 entries never concatenates or sorts them. A
-strided sample brackets the k-th lowest score between two values; one counting pass over the
-tensors, chunk by chunk, keeps only the few entries inside the bracket; the exact threshold is
-the right order statistic of those; a last pass writes `score < threshold` and adds the tied
-entries in position order. Temporaries are bounded by the chunk size plus the bracket.
+strided sample brackets the k-th lowest score between two values. One pass over the tensors,
+chunk by chunk, freezes every entry below the bracket and keeps the positions of the few inside
+it; the k-th lowest score is the right order statistic of those, and the inside entries below
+it, then those equal to it in position order, are frozen too. Temporaries are bounded by the
+chunk size plus the bracket.
 """
 
 import math
