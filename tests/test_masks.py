@@ -246,21 +246,24 @@ def test_mask_overlap_compares_strategies_at_the_same_ratio_and_seed(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gradient_ratio_sweep(tmp_path_factory) -> list[Path]:
+def gradient_ratio_sweep(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """The sweep's working directory (relative artifact paths start there) and its run dirs in job order."""
     cwd = tmp_path_factory.mktemp("scores_sweep")
-    maskrun(["-m", "experiment=smoke", "mask.ratio=0.3,0.7", "mask.score=gradient"], cwd)
-    return sorted(run_dirs(cwd / "outputs"), key=lambda d: int(d.name))
+    maskrun(["-m", "experiment=smoke", "mask.ratio=0.3,0.7", "mask.score=gradient", "pretrain.steps=10", "finetune.epochs=1"],
+            cwd)
+    return cwd, sorted(run_dirs(cwd / "outputs"), key=lambda d: int(d.name))
 
 
 def test_a_ratio_sweep_scores_once_and_freezes_exactly(gradient_ratio_sweep):
-    first, second = (load_metrics(d) for d in gradient_ratio_sweep)
+    cwd, dirs = gradient_ratio_sweep
+    first, second = (load_metrics(d) for d in dirs)
     assert (first["cache"]["scores"], second["cache"]["scores"]) == ("miss", "hit")
-    for run_dir, metrics in zip(gradient_ratio_sweep, (first, second)):
+    for run_dir, metrics in zip(dirs, (first, second)):
         mask = metrics["mask"]
         assert metrics["status"] == "ok" and mask["score"] == "gradient"
         assert mask["frozen"] == round(mask["ratio"] * mask["eligible"])
         frozen = load_file(run_dir / "mask.safetensors")
-        pretrained = load_file(Path(metrics["artifacts"]["pretrained"]) / "model.safetensors")
+        pretrained = load_file(cwd / metrics["artifacts"]["pretrained"] / "model.safetensors")
         finetuned = load_file(run_dir / "finetuned" / "model.safetensors")
         for name, m in frozen.items():
             assert torch.equal(finetuned[name][m], pretrained[name][m]), f"{name}: a frozen entry moved"
