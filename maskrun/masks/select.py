@@ -118,14 +118,12 @@ def as_units(s: torch.Tensor, granularity: str) -> torch.Tensor:
 def lowest_entries(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Masks of exactly the k lowest entries over all `scores`, ties broken by position."""
     values = [s.detach().cpu().float().contiguous().view(-1).numpy() for s in scores]
-    masks = [torch.zeros(v.size, dtype=torch.bool) for v in values]
     total = sum(v.size for v in values)
-    if k >= total:
-        for m in masks:
-            m.fill_(True)
-    elif k > 0:
-        pieces = [(v[i:i + CHUNK], m.numpy()[i:i + CHUNK]) for v, m in zip(values, masks) for i in range(0, v.size, CHUNK)]
-        freeze_k_lowest(pieces, k, sample_bracket(values, k, total))
+    if k == 0 or k >= total:
+        return [torch.full(s.shape, k > 0) for s in scores]
+    masks = [torch.empty(v.size, dtype=torch.bool) for v in values]  # the pass below writes every entry
+    pieces = [(v[i:i + CHUNK], m.numpy()[i:i + CHUNK]) for v, m in zip(values, masks) for i in range(0, v.size, CHUNK)]
+    freeze_k_lowest(pieces, k, sample_bracket(values, k, total))
     return [m.view(s.shape) for m, s in zip(masks, scores)]
 
 
@@ -149,12 +147,13 @@ def freeze_k_lowest(pieces: list[tuple[np.ndarray, np.ndarray]], k: int, bracket
     is widened to that side and the pass repeated, so the result is exact whatever the sample said.
     """
     lo, hi = bracket
+    scratch = np.empty(max(v.size for v, _ in pieces), dtype=bool)  # reused: fresh pages per chunk cost more
     while True:
         below, inside = 0, []
         for v, mask in pieces:
             np.less(v, lo, out=mask)
             below += np.count_nonzero(mask)
-            in_bracket = np.less_equal(v, hi)
+            in_bracket = np.less_equal(v, hi, out=scratch[:v.size])
             in_bracket ^= mask
             # An all-equal bracket (a mass of tied scores) keeps counts only: the ties are placed below.
             positions = np.flatnonzero(in_bracket) if lo < hi else np.count_nonzero(in_bracket)
