@@ -89,8 +89,10 @@ def check_mask(mask: DictConfig) -> None:
     one_of(mask.strategy, sorted(STRATEGIES), "mask.strategy")
     strategy = STRATEGIES[mask.strategy]
     one_of(mask.score, SCORES, "mask.score")
-    one_of(mask.allocation, strategy.ALLOCATIONS, f"mask.allocation with mask={mask.strategy}")
-    one_of(mask.granularity, strategy.GRANULARITIES, f"mask.granularity with mask={mask.strategy}")
+    for key, supported in (("allocation", strategy.ALLOCATIONS), ("granularity", strategy.GRANULARITIES)):
+        if mask[key] not in supported:
+            raise ConfigError(f"mask.{key}={mask[key]!r} is not supported by mask={mask.strategy}",
+                              f"choose one of: {', '.join(supported)}")
     if "freeze" in mask:
         one_of(mask.freeze, FREEZE, "mask.freeze")
     if "fisher" in mask:

@@ -46,10 +46,10 @@ def score_inputs(cfg, pretrained_dir: Path) -> dict:
 
 def compute_scores(mcfg, pretrained_dir: Path, task, tokenizer, max_length: int, device: torch.device,
                    seed: int) -> dict[str, torch.Tensor]:
+    """`mcfg.score` of every pretrained tensor, on the CPU."""
     if mcfg.score == "magnitude":
         return {name: w.float().abs() for name, w in load_file(Path(pretrained_dir) / "model.safetensors").items()}
     # Imported here so that config checks (which read SCORES) do not load transformers.
-    from maskrun.finetune import collate, encode
     from maskrun.models import load_task_model, pretrained_names
 
     with torch.random.fork_rng(devices=[]):  # seeded head, without touching the run's own random stream
@@ -60,16 +60,7 @@ def compute_scores(mcfg, pretrained_dir: Path, task, tokenizer, max_length: int,
     batches = calibration_batches(task.train, mcfg.calib_batches, mcfg.calib_batch_size, seed)
     if mcfg.score == "fisher" and mcfg.fisher == "per_example":
         batches = [[example] for batch in batches for example in batch]
-    squared = mcfg.score == "fisher"
-    total = {name: torch.zeros_like(p) for name, p in params.items()}
-    for rows in batches:
-        model.zero_grad(set_to_none=True)
-        inputs = collate(tokenizer, encode(tokenizer, [task.train.texts[i] for i in rows], max_length), device)
-        model(**inputs, labels=torch.tensor([task.train.labels[i] for i in rows], device=device)).loss.backward()
-        for name, p in params.items():
-            if p.grad is not None:
-                total[name] += p.grad.square() if squared else p.grad
-    mean = {name: t / len(batches) for name, t in total.items()}
+    mean = mean_gradients(model, params, batches, task.train, tokenizer, max_length, squared=mcfg.score == "fisher")
     if mcfg.score == "gradient":
         mean = {name: g.abs() for name, g in mean.items()}
     elif mcfg.score == "taylor":
@@ -77,6 +68,23 @@ def compute_scores(mcfg, pretrained_dir: Path, task, tokenizer, max_length: int,
     if not all(torch.isfinite(s).all() for s in mean.values()):
         raise FloatingPointError(f"{mcfg.score} scores are not finite (check the pretrained checkpoint)")
     return {name: s.cpu() for name, s in mean.items()}
+
+
+def mean_gradients(model, params: dict[str, torch.Tensor], batches: list[list[int]], split, tokenizer, max_length: int,
+                   squared: bool) -> dict[str, torch.Tensor]:
+    """Mean over the batches of each batch's loss gradient (or of its square)."""
+    from maskrun.finetune import collate, encode
+
+    device = next(model.parameters()).device
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    for rows in batches:
+        model.zero_grad(set_to_none=True)
+        inputs = collate(tokenizer, encode(tokenizer, [split.texts[i] for i in rows], max_length), device)
+        model(**inputs, labels=torch.tensor([split.labels[i] for i in rows], device=device)).loss.backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                total[name] += p.grad.square() if squared else p.grad
+    return {name: t / len(batches) for name, t in total.items()}
 
 
 def calibration_batches(train, n_batches: int, batch_size: int, seed: int) -> list[list[int]]:
