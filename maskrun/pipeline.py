@@ -16,7 +16,8 @@ from maskrun.data.tokenizer import train_tokenizer
 from maskrun.devices import resolve_device
 from maskrun.evaluate import classify, interference
 from maskrun.finetune import finetune
-from maskrun.masks import build_mask, eligible_parameters, mask_summary
+from maskrun.masks import build_mask, eligible_parameters, mask_summary, needs_scores
+from maskrun.masks.scores import cached_scores
 from maskrun.models import load_task_model, pretrained_names
 from maskrun.pretrain import pretrain
 
@@ -43,10 +44,14 @@ def run(cfg, run_dir: Path, metrics: dict) -> None:
             lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed))
         metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": "mask.safetensors", "finetuned": None}
 
+    with stage_timer(timing, "scores"):
+        scores, hits["scores"] = (cached_scores(cache, cfg, pretrained_dir, task, tokenizer, device)
+                                  if needs_scores(cfg.mask) else (None, "skipped"))
+
     with stage_timer(timing, "mask"):
         model = load_task_model(pretrained_dir, task.num_labels).to(device)
         params = eligible_parameters(model, pretrained_names(pretrained_dir), cfg.mask.include, cfg.mask.exclude)
-        frozen = build_mask(cfg.mask, params, cfg.seed)
+        frozen = build_mask(cfg.mask, params, scores, cfg.seed)
         save_file({name: m.contiguous() for name, m in frozen.items()}, run_dir / "mask.safetensors")
         metrics["mask"] = mask_summary(cfg.mask, frozen)
 

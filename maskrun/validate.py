@@ -16,11 +16,9 @@ from maskrun.data.packaged import packaged_file
 from maskrun.data.tasks import TASKS
 from maskrun.errors import ConfigError
 from maskrun.masks import STRATEGIES
+from maskrun.masks.importance import FREEZE
+from maskrun.masks.scores import FISHER, SCORES
 
-SCORES = ("magnitude",)
-FREEZE = ("least_important", "most_important")
-ALLOCATIONS = ("global",)
-GRANULARITIES = ("element",)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
@@ -89,11 +87,19 @@ def check_mask(mask: DictConfig) -> None:
         raise ConfigError(f"mask.ratio={mask.ratio!r} is not a number in [0, 1]",
                           "0 trains every entry, 1 freezes every eligible entry; e.g. mask.ratio=0.5")
     one_of(mask.strategy, sorted(STRATEGIES), "mask.strategy")
+    strategy = STRATEGIES[mask.strategy]
     one_of(mask.score, SCORES, "mask.score")
-    one_of(mask.allocation, ALLOCATIONS, "mask.allocation")
-    one_of(mask.granularity, GRANULARITIES, "mask.granularity")
+    for key, supported in (("allocation", strategy.ALLOCATIONS), ("granularity", strategy.GRANULARITIES)):
+        if mask[key] not in supported:
+            raise ConfigError(f"mask.{key}={mask[key]!r} is not supported by mask={mask.strategy}",
+                              f"choose one of: {', '.join(supported)}")
     if "freeze" in mask:
         one_of(mask.freeze, FREEZE, "mask.freeze")
+    if "fisher" in mask:
+        one_of(mask.fisher, FISHER, "mask.fisher")
+    for key in ("calib_batches", "calib_batch_size", "clusters"):
+        if key in mask:
+            positive_int(mask[key], f"mask.{key}")
     for key in ("include", "exclude"):
         for pattern in mask[key] or []:
             try:

@@ -1,20 +1,27 @@
 """Mask generation: which pretrained entries stay frozen during fine-tuning.
 
-A strategy turns per-entry scores into a mask; a new strategy is one module here, one YAML in
-conf/mask/, and one line in STRATEGIES.
+A strategy turns scores into a mask; a new strategy is one module here (with `build`, and the
+`NEEDS_SCORES`, `ALLOCATIONS`, `GRANULARITIES` it supports), one YAML in conf/mask/, and one line
+in STRATEGIES.
 """
 
 import re
 
 import torch
 
-from maskrun.masks import importance, none, random
+from maskrun.masks import importance, layers, none, random, similarity
 
 STRATEGIES = {
-    "none": none.build,
-    "random": random.build,
-    "importance": importance.build,
+    "none": none,
+    "random": random,
+    "importance": importance,
+    "similarity": similarity,
+    "layers": layers,
 }
+
+
+def needs_scores(mcfg) -> bool:
+    return STRATEGIES[mcfg.strategy].NEEDS_SCORES
 
 
 def eligible_parameters(model: torch.nn.Module, pretrained: set[str], include, exclude) -> dict[str, torch.Tensor]:
@@ -31,9 +38,10 @@ def eligible_parameters(model: torch.nn.Module, pretrained: set[str], include, e
     return params
 
 
-def build_mask(mcfg, params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+def build_mask(mcfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Tensor] | None,
+               seed: int) -> dict[str, torch.Tensor]:
     """One bool tensor per eligible parameter; True = frozen at its pretrained value."""
-    return STRATEGIES[mcfg.strategy](mcfg, params, seed)
+    return STRATEGIES[mcfg.strategy].build(mcfg, params, scores, seed)
 
 
 def mask_summary(mcfg, masks: dict[str, torch.Tensor]) -> dict:
@@ -41,7 +49,7 @@ def mask_summary(mcfg, masks: dict[str, torch.Tensor]) -> dict:
     frozen = sum(int(m.sum()) for m in masks.values())
     return {
         "strategy": mcfg.strategy,
-        "score": mcfg.score if mcfg.strategy == "importance" else None,
+        "score": mcfg.score if needs_scores(mcfg) else None,
         "allocation": mcfg.allocation,
         "granularity": mcfg.granularity,
         "ratio": float(mcfg.ratio),

@@ -2,12 +2,14 @@
 
 import torch
 
-from maskrun.masks.scores import magnitude
-from maskrun.masks.select import freeze_lowest
+from maskrun.masks import select
+
+NEEDS_SCORES = True
+ALLOCATIONS = select.ALLOCATIONS
+GRANULARITIES = select.GRANULARITIES
+FREEZE = ("least_important", "most_important")
 
 
-def build(mcfg, params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    scores = magnitude(params)
-    if mcfg.freeze == "most_important":
-        scores = {name: -s for name, s in scores.items()}
-    return freeze_lowest(scores, mcfg.ratio)
+def build(mcfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    sign = -1 if mcfg.freeze == "most_important" else 1
+    return select.freeze_lowest({name: sign * scores[name] for name in params}, mcfg.ratio, mcfg.allocation, mcfg.granularity)

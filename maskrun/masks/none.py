@@ -2,6 +2,12 @@
 
 import torch
 
+from maskrun.masks import select
 
-def build(mcfg, params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+NEEDS_SCORES = False
+ALLOCATIONS = select.ALLOCATIONS
+GRANULARITIES = select.GRANULARITIES
+
+
+def build(mcfg, params: dict[str, torch.Tensor], scores, seed: int) -> dict[str, torch.Tensor]:
     return {name: torch.zeros(p.shape, dtype=torch.bool) for name, p in params.items()}

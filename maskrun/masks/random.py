@@ -1,11 +1,15 @@
-"""Freeze a seeded, uniformly random set of entries of exactly the requested size."""
+"""Freeze a seeded, uniformly random set of exactly the requested size."""
 
 import torch
 
-from maskrun.masks.select import freeze_lowest
+from maskrun.masks import select
+
+NEEDS_SCORES = False
+ALLOCATIONS = select.ALLOCATIONS
+GRANULARITIES = select.GRANULARITIES
 
 
-def build(mcfg, params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+def build(mcfg, params: dict[str, torch.Tensor], scores, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    scores = {name: torch.rand(p.shape, generator=generator) for name, p in params.items()}
-    return freeze_lowest(scores, mcfg.ratio)
+    random_scores = {name: torch.rand(p.shape, generator=generator) for name, p in params.items()}
+    return select.freeze_lowest(random_scores, mcfg.ratio, mcfg.allocation, mcfg.granularity)

@@ -1,7 +1,94 @@
-"""Per-entry importance scores of the eligible parameters."""
+"""Per-entry importance scores of the pretrained parameters: the cached `scores` stage.
+
+    magnitude  |W|
+    gradient   |g|          g = gradient of the mean task loss over the calibration batches
+    taylor     |W * g|
+    fisher     E[g_i^2]     per example (mask.fisher=per_example, as in FISH Mask) or per
+                            batch (mask.fisher=batch, as in Child-Tuning_D)
+
+Gradients are taken on the fine-tuning task's training data: the first `calib_batches` batches
+of `calib_batch_size` examples in a seeded order, through the pretrained backbone under a seeded
+new task head, in eval mode (no dropout) so the scores are a function of the cache key alone.
+Scores cover every pretrained tensor, so changing mask.include/exclude reuses them.
+"""
+
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+SCORES = ("magnitude", "gradient", "taylor", "fisher")
+FISHER = ("per_example", "batch")
 
 
-def magnitude(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: p.abs() for name, p in params.items()}
+def cached_scores(cache, cfg, pretrained_dir: Path, task, tokenizer, device: torch.device):
+    """The scores of every pretrained tensor and the cache status ("hit" or "miss")."""
+    def build(out: Path) -> None:
+        scores = compute_scores(cfg.mask, pretrained_dir, task, tokenizer, cfg.finetune.max_length, device, cfg.seed)
+        save_file({name: s.contiguous() for name, s in scores.items()}, out / "scores.safetensors")
+
+    entry, status = cache.fetch("scores", score_inputs(cfg, pretrained_dir), build)
+    return load_file(entry / "scores.safetensors"), status
+
+
+def score_inputs(cfg, pretrained_dir: Path) -> dict:
+    """Exactly what the scores depend on: not the ratio, strategy or allocation, so a sweep over those scores once."""
+    inputs = {"pretrained": Path(pretrained_dir).name, "score": cfg.mask.score}
+    if cfg.mask.score != "magnitude":
+        inputs |= {"task": OmegaConf.to_container(cfg.dataset, resolve=True), "max_length": cfg.finetune.max_length,
+                   "calib_batches": cfg.mask.calib_batches, "calib_batch_size": cfg.mask.calib_batch_size,
+                   "seed": cfg.seed}
+    if cfg.mask.score == "fisher":
+        inputs["fisher"] = cfg.mask.fisher
+    return inputs
+
+
+def compute_scores(mcfg, pretrained_dir: Path, task, tokenizer, max_length: int, device: torch.device,
+                   seed: int) -> dict[str, torch.Tensor]:
+    """`mcfg.score` of every pretrained tensor, on the CPU."""
+    if mcfg.score == "magnitude":
+        return {name: w.float().abs() for name, w in load_file(Path(pretrained_dir) / "model.safetensors").items()}
+    # Imported here so that config checks (which read SCORES) do not load transformers.
+    from maskrun.models import load_task_model, pretrained_names
+
+    with torch.random.fork_rng(devices=[]):  # seeded head, without touching the run's own random stream
+        torch.manual_seed(seed)
+        model = load_task_model(pretrained_dir, task.num_labels).to(device).eval()
+    names = pretrained_names(pretrained_dir)
+    params = {name: p for name, p in model.named_parameters() if name in names}
+    batches = calibration_batches(task.train, mcfg.calib_batches, mcfg.calib_batch_size, seed)
+    if mcfg.score == "fisher" and mcfg.fisher == "per_example":
+        batches = [[example] for batch in batches for example in batch]
+    mean = mean_gradients(model, params, batches, task.train, tokenizer, max_length, squared=mcfg.score == "fisher")
+    if mcfg.score == "gradient":
+        mean = {name: g.abs() for name, g in mean.items()}
+    elif mcfg.score == "taylor":
+        mean = {name: (params[name].detach() * g).abs() for name, g in mean.items()}
+    if not all(torch.isfinite(s).all() for s in mean.values()):
+        raise FloatingPointError(f"{mcfg.score} scores are not finite (check the pretrained checkpoint)")
+    return {name: s.cpu() for name, s in mean.items()}
+
+
+def mean_gradients(model, params: dict[str, torch.Tensor], batches: list[list[int]], split, tokenizer, max_length: int,
+                   squared: bool) -> dict[str, torch.Tensor]:
+    """Mean over the batches of each batch's loss gradient (or of its square)."""
+    from maskrun.finetune import collate, encode
+
+    device = next(model.parameters()).device
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    for rows in batches:
+        model.zero_grad(set_to_none=True)
+        inputs = collate(tokenizer, encode(tokenizer, [split.texts[i] for i in rows], max_length), device)
+        model(**inputs, labels=torch.tensor([split.labels[i] for i in rows], device=device)).loss.backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                total[name] += p.grad.square() if squared else p.grad
+    return {name: t / len(batches) for name, t in total.items()}
+
+
+def calibration_batches(train, n_batches: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The first n_batches batches of a seeded shuffle of the training split (fewer if it is small)."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = order[:n_batches * batch_size]
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from maskrun.masks.analytics import mask_report
 from maskrun.progress import console
 
 
@@ -92,6 +93,8 @@ def write_run_report(run_dir: Path, metrics: dict) -> None:
     if mask:
         lines += ["", "## Mask", "", f"{mask['frozen']:,} of {mask['eligible']:,} eligible entries frozen "
                   f"(ratio {fmt(mask['ratio_actual'])}, requested {fmt(mask['ratio'], 2)}); {mask['trainable']:,} trainable."]
+        if (run_dir / "mask.safetensors").exists():
+            lines += mask_report(run_dir)
     history_path = run_dir / "history.json"
     if history_path.exists():
         pretrained = (metrics.get("artifacts") or {}).get("pretrained")
