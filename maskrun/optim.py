@@ -31,14 +31,16 @@ class PartiallyFrozen:
         self.index = (~frozen).flatten().nonzero().squeeze(1).to(device=param.device, dtype=torch.int32)
         self.shadow = torch.nn.Parameter(param.new_empty(0))
 
+    # index_select and scatter_ are several times faster on CPU than indexing with `[]`;
+    # scatter_ wants an int64 index, made only for the moment of the write.
     def gather(self) -> None:
-        self.shadow.data = self.param.detach().view(-1)[self.index]
+        self.shadow.data = torch.index_select(self.param.detach().view(-1), 0, self.index)
         grad = self.param.grad
-        self.shadow.grad = None if grad is None else grad.view(-1)[self.index]
+        self.shadow.grad = None if grad is None else torch.index_select(grad.view(-1), 0, self.index)
         self.param.grad = None
 
     def scatter(self) -> None:
-        self.param.data.view(-1)[self.index] = self.shadow.data
+        self.param.data.view(-1).scatter_(0, self.index.long(), self.shadow.data)
         self.shadow.data = self.param.new_empty(0)
         self.shadow.grad = None
 
