@@ -1,5 +1,6 @@
 """The fine-tuning loop: mixed precision stays exact, the two-phase recipe, input masking, early stopping."""
 
+import re
 from importlib.resources import files
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,9 +14,12 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 import maskrun.finetune
 from conftest import load_metrics
 from maskrun.data.tasks import Split, TaskData
+from maskrun.cli import CONFIG_MODULE
 from maskrun.data.tokenizer import train_tokenizer
+from maskrun.errors import ConfigError
 from maskrun.finetune import finetune, mask_inputs
 from maskrun.masks.random import build as random_mask
+from maskrun.validate import check_config, compose_jobs
 
 GOOD = ["a warm funny film", "great acting and a clever story", "i loved every minute", "a joy to watch"]
 BAD = ["a dull mess", "boring and far too long", "the plot makes no sense", "i wanted my money back"]
@@ -131,3 +135,24 @@ def test_a_run_keeps_frozen_entries_of_its_mask_bit_identical_to_the_pretrained_
     assert not all(torch.equal(finetuned[n], pretrained[n]) for n in masks)
     assert 0 < metrics["memory"]["optimizer_state_bytes"]
     assert metrics["task"]["validation"]["epoch"] == 2
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["finetune.precision=fp8"], "finetune.precision"),
+    (["finetune.unfreeze_after=3"], "finetune.unfreeze_after"),
+    (["finetune.input_mask_prob=1.5"], "finetune.input_mask_prob"),
+    (["finetune.early_stopping_patience=0"], "finetune.early_stopping_patience"),
+    (["finetune.max_grad_norm=-1"], "finetune.max_grad_norm"),
+    (["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true"], "optimizer.nesterov"),
+    (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay"),
+])
+def test_bad_training_settings_are_refused_before_any_work(overrides, key):
+    (cfg,) = compose_jobs(CONFIG_MODULE, "config", overrides, multirun=False)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        check_config(cfg)
+
+
+def test_sensible_training_settings_pass_the_checks():
+    (cfg,) = compose_jobs(CONFIG_MODULE, "config", ["finetune.unfreeze_after=1", "finetune.input_mask_prob=0.1"],
+                          multirun=False)
+    check_config(cfg)
