@@ -28,10 +28,12 @@ def tiny_model(seed: int) -> torch.nn.Module:
 
 
 def random_masks(model, seed: int, ratio: float) -> dict[str, torch.Tensor]:
-    """Each parameter frozen at `ratio` on average; the first one is frozen whole, to cover that case too."""
+    """Each parameter frozen at `ratio` on average; one is frozen whole and the last bias, like a task
+    head, always trains, so that ratio 1 is a linear probe."""
     generator = torch.Generator().manual_seed(seed)
     masks = {n: torch.rand(p.shape, generator=generator) < ratio for n, p in model.named_parameters()}
     masks["0.bias"] = torch.ones_like(masks["0.bias"])
+    masks["2.bias"] = torch.zeros_like(masks["2.bias"])
     return masks
 
 
