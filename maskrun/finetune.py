@@ -1,4 +1,13 @@
-"""Masked fine-tuning of the task model: only the trainable entries ever move."""
+"""Masked fine-tuning of the task model: only the trainable entries ever move.
+
+Recipes from the masking literature, all off by default:
+- `finetune.unfreeze_after=E`: train under the mask for E epochs, then release every entry and
+  continue with a fresh optimizer and a fresh warmup + decay schedule over the remaining epochs.
+- `finetune.input_mask_prob=p`: during training, replace each non-special input token by [MASK]
+  with probability p (augmentation; evaluation always sees the clean text).
+- `finetune.early_stopping_patience=P`: stop after P epochs without a better validation accuracy
+  and restore the best model (kept in memory) before evaluation.
+"""
 
 import math
 
@@ -9,50 +18,111 @@ from maskrun.evaluate import classify
 from maskrun.optim import MaskedOptimizer
 from maskrun.progress import StageProgress
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
 
-def collate(tokenizer, ids: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
-    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-    return {k: v.to(device) for k, v in batch.items()}
+def collate(tokenizer, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    return dict(tokenizer.pad({"input_ids": ids}, return_tensors="pt"))
+
+
+def mask_inputs(input_ids: torch.Tensor, tokenizer, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each non-special token by [MASK] with probability `prob`."""
+    replace = torch.rand(input_ids.shape, generator=generator) < prob
+    replace &= ~torch.isin(input_ids, torch.tensor(tokenizer.all_special_ids))
+    return input_ids.masked_fill(replace, tokenizer.mask_token_id)
+
+
+class Phase:
+    """One optimizer with its learning-rate schedule: the masked phase, or the released one after it."""
+
+    def __init__(self, model, frozen: dict[str, torch.Tensor], fcfg, ocfg, steps: int):
+        self.optimizer = MaskedOptimizer(model, frozen, ocfg, fcfg.lr)
+        self.scheduler = get_scheduler(fcfg.scheduler, self.optimizer.optimizer,
+                                       num_warmup_steps=int(fcfg.warmup_ratio * steps), num_training_steps=steps)
+
+    def step(self, max_grad_norm: float | None, scaler: torch.amp.GradScaler) -> float:
+        grad_norm = self.optimizer.step(max_grad_norm, scaler)
+        self.scheduler.step()
+        return grad_norm
+
+
+class EarlyStopping:
+    """Tracks the best validation accuracy; keeps a copy of the best model's weights."""
+
+    def __init__(self, patience: int | None):
+        self.patience, self.best, self.best_state, self.bad_epochs = patience, None, None, 0
+
+    def should_stop(self, model, validation: dict) -> bool:
+        if self.patience is None:
+            return False
+        if self.best is None or validation["accuracy"] > self.best["accuracy"]:
+            self.best, self.bad_epochs = validation, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return False
+        self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def restore_best(self, model) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
 
 
 def finetune(model, tokenizer, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: torch.device, seed: int) -> dict:
-    """Train `model` on the task's training split; returns the loss and validation history."""
+    """Train `model` on the task's training split; returns the loss and validation history.
+
+    `history["selected"]` is the validation result of the model left in `model` (the best one under
+    early stopping, else the last); `optimizer_state_bytes` is the largest over the phases.
+    """
     torch.manual_seed(seed)
     train_ids = encode(tokenizer, task.train.texts, fcfg.max_length)
     labels = torch.tensor(task.train.labels)
-    optimizer = MaskedOptimizer(model, frozen, ocfg, fcfg.lr)
     micro_per_epoch = math.ceil(len(train_ids) / fcfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / fcfg.grad_accum)
-    total_steps = steps_per_epoch * fcfg.epochs
-    scheduler = get_scheduler(
-        fcfg.scheduler, optimizer.optimizer, num_warmup_steps=int(fcfg.warmup_ratio * total_steps), num_training_steps=total_steps
-    )
-    generator = torch.Generator().manual_seed(seed)
-    history = {"train": [], "validation": [], "optimizer_state_bytes": optimizer.state_bytes()}
+    masked_epochs = fcfg.unfreeze_after or fcfg.epochs
+    phase = Phase(model, frozen, fcfg, ocfg, steps_per_epoch * masked_epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=fcfg.precision == "fp16")
+    stopping = EarlyStopping(fcfg.early_stopping_patience)
+    order_generator = torch.Generator().manual_seed(seed)
+    noise_generator = torch.Generator().manual_seed(seed + 1)
+    history = {"train": [], "validation": [], "selected": None, "optimizer_state_bytes": 0}
     step = 0
-    with StageProgress("finetune", total=total_steps) as progress:
+    with StageProgress("finetune", total=steps_per_epoch * fcfg.epochs) as progress:
         for epoch in range(1, fcfg.epochs + 1):
+            if epoch == masked_epochs + 1:
+                history["optimizer_state_bytes"] = phase.optimizer.state_bytes()
+                phase = Phase(model, {}, fcfg, ocfg, steps_per_epoch * (fcfg.epochs - masked_epochs))
             model.train()
-            order = torch.randperm(len(train_ids), generator=generator).tolist()
+            order = torch.randperm(len(train_ids), generator=order_generator).tolist()
             batches = [order[i:i + fcfg.batch_size] for i in range(0, len(order), fcfg.batch_size)]
             for micro, rows in enumerate(batches, start=1):
-                batch = collate(tokenizer, [train_ids[i] for i in rows], device)
-                loss = model(**batch, labels=labels[rows].to(device)).loss
+                batch = collate(tokenizer, [train_ids[i] for i in rows])
+                if fcfg.input_mask_prob:
+                    batch["input_ids"] = mask_inputs(batch["input_ids"], tokenizer, fcfg.input_mask_prob, noise_generator)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[fcfg.precision],
+                                    enabled=fcfg.precision != "fp32"):
+                    loss = model(**batch, labels=labels[rows].to(device)).loss
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"fine-tuning loss became {loss.item()} at step {step + 1} (lower finetune.lr)")
-                (loss / fcfg.grad_accum).backward()
+                scaler.scale(loss / fcfg.grad_accum).backward()
                 if micro % fcfg.grad_accum and micro != len(batches):
                     continue
-                grad_norm = optimizer.step(fcfg.max_grad_norm)
-                scheduler.step()
+                grad_norm = phase.step(fcfg.max_grad_norm, scaler)
                 step += 1
                 history["train"].append({"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": grad_norm})
                 progress.advance(loss=loss.item())
-            validation = classify(model, tokenizer, task.validation, fcfg.max_length, device)
-            history["validation"].append({"step": step, "epoch": epoch, **validation})
-    history["optimizer_state_bytes"] = optimizer.state_bytes()
+            validation = {"step": step, "epoch": epoch,
+                          **classify(model, tokenizer, task.validation, fcfg.max_length, device)}
+            history["validation"].append(validation)
+            history["selected"] = validation
+            if stopping.should_stop(model, validation):
+                break
+    if stopping.best is not None:
+        stopping.restore_best(model)
+        history["selected"] = stopping.best
+    history["optimizer_state_bytes"] = max(history["optimizer_state_bytes"], phase.optimizer.state_bytes())
     return history

@@ -31,14 +31,16 @@ class PartiallyFrozen:
         self.index = (~frozen).flatten().nonzero().squeeze(1).to(device=param.device, dtype=torch.int32)
         self.shadow = torch.nn.Parameter(param.new_empty(0))
 
+    # index_select and scatter_ are several times faster on CPU than indexing with `[]`;
+    # scatter_ wants an int64 index, made only for the moment of the write.
     def gather(self) -> None:
-        self.shadow.data = self.param.detach().view(-1)[self.index]
+        self.shadow.data = torch.index_select(self.param.detach().view(-1), 0, self.index)
         grad = self.param.grad
-        self.shadow.grad = None if grad is None else grad.view(-1)[self.index]
+        self.shadow.grad = None if grad is None else torch.index_select(grad.view(-1), 0, self.index)
         self.param.grad = None
 
     def scatter(self) -> None:
-        self.param.data.view(-1)[self.index] = self.shadow.data
+        self.param.data.view(-1).scatter_(0, self.index.long(), self.shadow.data)
         self.shadow.data = self.param.new_empty(0)
         self.shadow.grad = None
 
@@ -67,13 +69,20 @@ class MaskedOptimizer:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def step(self, max_grad_norm: float | None = None, scaler: "torch.amp.GradScaler | None" = None) -> float:
-        """Clip the trainable gradients, step, write the trainable entries back. Returns the grad norm."""
+        """Clip the trainable gradients, step, write the trainable entries back. Returns the grad norm.
+
+        With a GradScaler, a step whose gradients overflowed is skipped: the shadows then hold the
+        values they were gathered from, so scattering them back changes nothing.
+        """
         for part in self.partial:
             part.gather()
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        grads = [p for p in self.trainable_tensors() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm or float("inf"))
+        with_grad = [p for p in self.trainable_tensors() if p.grad is not None]
+        # Frozen entries are not in these gradients, so they take no share of the clipping budget.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(with_grad, max_grad_norm, norm)
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()

@@ -64,7 +64,7 @@ def run(cfg, run_dir: Path, metrics: dict) -> None:
     with stage_timer(timing, "evaluate"):
         metrics["task"] = {
             "name": task.name, "metric": "accuracy", "labels": task.label_names, "split_sizes": task.split_sizes,
-            "validation": history["validation"][-1] if history["validation"] else None,
+            "validation": history["selected"],
             "test": classify(model, tokenizer, task.test, cfg.finetune.max_length, device, cfg.eval.batch_size),
         }
         heldout = corpus.heldout[: cfg.eval.heldout_texts]

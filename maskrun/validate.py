@@ -21,6 +21,7 @@ from maskrun.masks.scores import FISHER, SCORES
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def compose_jobs(config_module: str, config_name: str, overrides: list[str], multirun: bool) -> list[DictConfig]:
@@ -72,6 +73,7 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be a positive number", f"e.g. {key}=1e-4")
     one_of(cfg.optimizer.name, OPTIMIZERS, "optimizer.name")
     one_of(cfg.finetune.scheduler, SCHEDULERS, "finetune.scheduler")
+    check_training(cfg.finetune, cfg.optimizer)
     positions = cfg.model.max_position_embeddings
     for key in ("pretrain.max_length", "finetune.max_length"):
         if OmegaConf.select(cfg, key) > positions:
@@ -106,6 +108,32 @@ def check_mask(mask: DictConfig) -> None:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"mask.{key} pattern {pattern!r} is not a valid regex: {err}", "fix the pattern") from None
+
+
+def check_training(fcfg: DictConfig, ocfg: DictConfig) -> None:
+    one_of(fcfg.precision, PRECISIONS, "finetune.precision")
+    if fcfg.max_grad_norm is not None and (not is_number(fcfg.max_grad_norm) or fcfg.max_grad_norm <= 0):
+        raise ConfigError(f"finetune.max_grad_norm={fcfg.max_grad_norm!r} must be a positive number or null",
+                          "e.g. finetune.max_grad_norm=1.0, or null for no clipping")
+    if not is_number(fcfg.warmup_ratio) or not 0 <= fcfg.warmup_ratio < 1:
+        raise ConfigError(f"finetune.warmup_ratio={fcfg.warmup_ratio!r} must be a number in [0, 1)", "e.g. finetune.warmup_ratio=0.1")
+    if not is_number(fcfg.input_mask_prob) or not 0 <= fcfg.input_mask_prob < 1:
+        raise ConfigError(f"finetune.input_mask_prob={fcfg.input_mask_prob!r} must be a number in [0, 1)",
+                          "e.g. finetune.input_mask_prob=0.1")
+    if fcfg.early_stopping_patience is not None:
+        positive_int(fcfg.early_stopping_patience, "finetune.early_stopping_patience")
+    if fcfg.unfreeze_after is not None:
+        positive_int(fcfg.unfreeze_after, "finetune.unfreeze_after")
+        if fcfg.unfreeze_after >= fcfg.epochs:
+            raise ConfigError(f"finetune.unfreeze_after={fcfg.unfreeze_after} leaves no epoch of the {fcfg.epochs} to train unfrozen",
+                              "set finetune.unfreeze_after below finetune.epochs, or null")
+    if not is_number(ocfg.weight_decay) or ocfg.weight_decay < 0:
+        raise ConfigError(f"optimizer.weight_decay={ocfg.weight_decay!r} must be a number >= 0", "e.g. optimizer.weight_decay=0.01")
+    if ocfg.name == "sgd":
+        if not is_number(ocfg.momentum) or not 0 <= ocfg.momentum < 1:
+            raise ConfigError(f"optimizer.momentum={ocfg.momentum!r} must be a number in [0, 1)", "e.g. optimizer.momentum=0.9")
+        if ocfg.nesterov and ocfg.momentum == 0:
+            raise ConfigError("optimizer.nesterov=true needs momentum", "set optimizer.momentum=0.9, or optimizer.nesterov=false")
 
 
 def check_dataset(dataset: DictConfig) -> None:

@@ -1,0 +1,158 @@
+"""The fine-tuning loop: mixed precision stays exact, the two-phase recipe, input masking, early stopping."""
+
+import re
+from importlib.resources import files
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+import maskrun.finetune
+from conftest import load_metrics
+from maskrun.data.tasks import Split, TaskData
+from maskrun.cli import CONFIG_MODULE
+from maskrun.data.tokenizer import train_tokenizer
+from maskrun.errors import ConfigError
+from maskrun.finetune import finetune, mask_inputs
+from maskrun.masks.random import build as random_mask
+from maskrun.validate import check_config, compose_jobs
+
+GOOD = ["a warm funny film", "great acting and a clever story", "i loved every minute", "a joy to watch"]
+BAD = ["a dull mess", "boring and far too long", "the plot makes no sense", "i wanted my money back"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer((GOOD + BAD) * 4, vocab_size=120, out_dir=out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def task() -> TaskData:
+    texts, labels = (GOOD + BAD) * 4, ([1] * len(GOOD) + [0] * len(BAD)) * 4
+    split = Split(texts, labels)
+    return TaskData("toy", ["bad", "good"], train=split, validation=Split(GOOD + BAD, [1] * 4 + [0] * 4), test=split)
+
+
+def tiny_model(tokenizer) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, pad_token_id=tokenizer.pad_token_id)
+    return BertForSequenceClassification(config)
+
+
+def half_frozen(model) -> dict[str, torch.Tensor]:
+    backbone = {n: p.detach() for n, p in model.named_parameters() if n.startswith("bert.") and "pooler" not in n}
+    return random_mask(SimpleNamespace(ratio=0.5), backbone, seed=0)
+
+
+def train(model, tokenizer, task, frozen, **overrides) -> dict:
+    defaults = OmegaConf.load(files("maskrun.conf") / "config.yaml").finetune
+    fcfg = OmegaConf.merge(defaults, {"epochs": 2, "batch_size": 8, "max_length": 16, "lr": 1e-2}, overrides)
+    ocfg = OmegaConf.merge(OmegaConf.load(files("maskrun.conf") / "optimizer" / "adamw.yaml"), {"weight_decay": 0.1})
+    return finetune(model, tokenizer, task, frozen, fcfg, ocfg, torch.device("cpu"), seed=0)
+
+
+def frozen_moved(model, before: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor]) -> int:
+    params = dict(model.named_parameters())
+    return sum(int((params[n].detach()[m] != before[n][m]).sum()) for n, m in frozen.items())
+
+
+def trainable_moved(model, before: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor]) -> int:
+    params = dict(model.named_parameters())
+    return sum(int((params[n].detach()[~m] != before[n][~m]).sum()) for n, m in frozen.items())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu_keeps_every_frozen_entry_exact(tokenizer, task, precision):
+    model = tiny_model(tokenizer)
+    frozen = half_frozen(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, tokenizer, task, frozen, precision=precision)
+    assert frozen_moved(model, before, frozen) == 0
+    assert trainable_moved(model, before, frozen) > 0
+
+
+def test_unfreeze_after_trains_under_the_mask_then_releases_every_entry(tokenizer, task):
+    masked_only = tiny_model(tokenizer)
+    frozen = half_frozen(masked_only)
+    before = {n: p.detach().clone() for n, p in masked_only.named_parameters()}
+    first_epoch = train(masked_only, tokenizer, task, frozen, epochs=1)
+
+    two_phase = tiny_model(tokenizer)
+    history = train(two_phase, tokenizer, task, frozen, epochs=2, unfreeze_after=1)
+
+    # The first epoch is the masked run, step for step; the second moves the entries it froze.
+    assert [h["loss"] for h in history["train"] if h["epoch"] == 1] == [h["loss"] for h in first_epoch["train"]]
+    assert frozen_moved(masked_only, before, frozen) == 0
+    assert frozen_moved(two_phase, before, frozen) > 0
+    assert all(p.requires_grad for p in two_phase.parameters())
+
+
+def test_input_masking_replaces_ordinary_tokens_and_never_special_ones(tokenizer):
+    batch = tokenizer([" ".join(GOOD)] * 200 + ["a"] * 200, padding=True, return_tensors="pt")["input_ids"]
+    masked = mask_inputs(batch, tokenizer, prob=0.5, generator=torch.Generator().manual_seed(0))
+    special = torch.isin(batch, torch.tensor(tokenizer.all_special_ids))
+    assert torch.equal(masked[special], batch[special])
+    replaced = masked[~special] == tokenizer.mask_token_id
+    assert abs(replaced.float().mean().item() - 0.5) < 0.05
+    assert torch.equal(masked[~special][~replaced], batch[~special][~replaced])
+
+
+def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(tokenizer, task, monkeypatch):
+    scripted_accuracy = iter([0.5, 0.8, 0.6, 0.7, 0.9])
+    snapshots = []
+
+    def scripted_classify(model, *args, **kwargs):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"accuracy": next(scripted_accuracy), "macro_f1": 0.0}
+
+    monkeypatch.setattr(maskrun.finetune, "classify", scripted_classify)
+    model = tiny_model(tokenizer)
+    history = train(model, tokenizer, task, half_frozen(model), epochs=5, early_stopping_patience=2)
+
+    assert [v["epoch"] for v in history["validation"]] == [1, 2, 3, 4]
+    assert history["selected"]["epoch"] == 2 and history["selected"]["accuracy"] == 0.8
+    final = model.state_dict()
+    assert all(torch.equal(final[k], snapshots[1][k]) for k in final)
+    assert not all(torch.equal(final[k], snapshots[3][k]) for k in final)
+
+
+def test_a_run_keeps_frozen_entries_of_its_mask_bit_identical_to_the_pretrained_checkpoint(smoke_run: Path):
+    metrics = load_metrics(smoke_run)
+    masks = load_file(smoke_run / "mask.safetensors")
+    launch_dir = smoke_run.parents[2]  # the cache path is recorded relative to where maskrun was started
+    pretrained = load_file(launch_dir / metrics["artifacts"]["pretrained"] / "model.safetensors")
+    finetuned = load_file(smoke_run / "finetuned" / "model.safetensors")
+    assert metrics["status"] == "ok" and sum(int(m.sum()) for m in masks.values()) > 0
+    for name, mask in masks.items():
+        assert torch.equal(finetuned[name][mask], pretrained[name][mask]), f"{name}: a frozen entry moved"
+    assert not all(torch.equal(finetuned[n], pretrained[n]) for n in masks)
+    assert 0 < metrics["memory"]["optimizer_state_bytes"]
+    assert metrics["task"]["validation"]["epoch"] == 2
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["finetune.precision=fp8"], "finetune.precision"),
+    (["finetune.unfreeze_after=3"], "finetune.unfreeze_after"),
+    (["finetune.input_mask_prob=1.5"], "finetune.input_mask_prob"),
+    (["finetune.early_stopping_patience=0"], "finetune.early_stopping_patience"),
+    (["finetune.max_grad_norm=-1"], "finetune.max_grad_norm"),
+    (["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true"], "optimizer.nesterov"),
+    (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay"),
+])
+def test_bad_training_settings_are_refused_before_any_work(overrides, key):
+    (cfg,) = compose_jobs(CONFIG_MODULE, "config", overrides, multirun=False)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        check_config(cfg)
+
+
+def test_sensible_training_settings_pass_the_checks():
+    (cfg,) = compose_jobs(CONFIG_MODULE, "config", ["finetune.unfreeze_after=1", "finetune.input_mask_prob=0.1"],
+                          multirun=False)
+    check_config(cfg)
