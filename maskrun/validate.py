@@ -1,7 +1,10 @@
 """Checks of a composed config that run before any work: every message says what and how to fix it."""
 
-import os
+import functools
+import math
 import re
+import tempfile
+from importlib.resources import files
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -11,7 +14,8 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from maskrun.data.corpus import CORPORA
+from maskrun.data.checks import check_dataset_file
+from maskrun.data.corpus import CORPORA, load_corpus
 from maskrun.data.packaged import packaged_file
 from maskrun.data.tasks import TASKS
 from maskrun.errors import ConfigError
@@ -23,6 +27,8 @@ ALLOCATIONS = ("global",)
 GRANULARITIES = ("element",)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+SECTIONS = ("model", "dataset", "mask", "optimizer", "pretrain", "finetune", "eval")
+WORD = re.compile(r"\w+|[^\w\s]")  # what the tokenizer's BERT pre-tokenizer splits text into
 
 
 def compose_jobs(config_module: str, config_name: str, overrides: list[str], multirun: bool) -> list[DictConfig]:
@@ -32,6 +38,7 @@ def compose_jobs(config_module: str, config_name: str, overrides: list[str], mul
         jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
         if not multirun and any(o.is_sweep_override() for o in parsed):
             raise ConfigError(f"{' '.join(overrides)} describes several runs", "add -m to run them as a sweep")
+        check_added_keys(config_module, parsed)
         with initialize_config_module(config_module, version_base="1.3"):
             return [compose(config_name, job, return_hydra_config=True) for job in jobs]
     except MissingConfigException as err:
@@ -45,9 +52,18 @@ def compose_jobs(config_module: str, config_name: str, overrides: list[str], mul
         raise ConfigError(first_line(err), "see maskrun --help") from None
 
 
+def check_added_keys(config_module: str, parsed) -> None:
+    """`+key=value` may pick a config group; a new plain key would be silently ignored by every stage."""
+    groups = {p.name for p in files(config_module).iterdir() if p.is_dir() and not p.name.startswith("_")}
+    for override in parsed:
+        key = override.key_or_group
+        if (override.is_add() or override.is_force_add()) and key.split("/")[0] not in groups | {"hydra"}:
+            raise ConfigError(f"unknown key '{key}'", "check the spelling; maskrun --cfg job lists every key")
+
+
 def unknown_option(err: MissingConfigException) -> ConfigError:
     text = str(err)
-    match = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    match = re.search(r"Could not find '([^']+)/([^'/]*)'", text)
     options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
     if not match:
         return ConfigError(first_line(err), "see maskrun --help")
@@ -60,18 +76,62 @@ def first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def check_config(cfg: DictConfig) -> None:
-    check_mask(cfg.mask)
+def check_config(cfg: DictConfig, multirun: bool = False) -> None:
+    try:
+        check_sections(cfg)
+        check_mask(cfg.mask)
+        check_model(cfg.model)
+        check_training(cfg)
+        check_dataset(cfg.dataset)
+        check_corpus_vocabulary(cfg.dataset, cfg.model.vocab_size)
+        check_device(str(cfg.device))
+    except (TypeError, ValueError, KeyError, AttributeError, OmegaConfBaseException) as err:
+        # A value of the wrong shape (a list for a number, a section set to a string) trips a check.
+        raise ConfigError(f"malformed configuration: {first_line(err)}", "maskrun --cfg job shows every key and its value") from None
+    check_writable(Path(cfg.cache_dir), "cache_dir")
+    output_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    check_writable(Path(OmegaConf.select(cfg, output_key)), output_key)
+
+
+def check_sections(cfg: DictConfig) -> None:
+    for section in SECTIONS:
+        if not isinstance(cfg.get(section), DictConfig):
+            raise ConfigError(f"{section}={cfg.get(section)!r} replaces the whole {section} section",
+                              f"set one key inside it, e.g. {section}.<key>=<value>; maskrun --cfg job lists them")
+    non_negative_int(cfg.seed, "seed")
+    if not isinstance(cfg.save_model, bool):
+        raise ConfigError(f"save_model={cfg.save_model!r} is not true or false", "save_model=true or save_model=false")
+
+
+def check_model(model: DictConfig) -> None:
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+        positive_int(model[key], f"model.{key}")
+    if model.hidden_size % model.num_heads:
+        raise ConfigError(f"model.hidden_size={model.hidden_size} is not a multiple of model.num_heads={model.num_heads}",
+                          "make the hidden size divisible by the number of attention heads")
+    in_range(model.dropout, "model.dropout", "0.1", 0.0, 1.0, upper_open=True)
+
+
+def check_training(cfg: DictConfig) -> None:
     for section, keys in {"pretrain": ("batch_size",), "finetune": ("batch_size", "epochs", "grad_accum", "max_length"),
                           "eval": ("batch_size", "heldout_texts")}.items():
         for key in keys:
             positive_int(cfg[section][key], f"{section}.{key}")
     non_negative_int(cfg.pretrain.steps, "pretrain.steps")
     positive_int(cfg.pretrain.max_length, "pretrain.max_length")
-    for key in ("finetune.lr", "pretrain.lr"):
+    if cfg.pretrain.max_length < 3:
+        raise ConfigError(f"pretrain.max_length={cfg.pretrain.max_length} leaves no room for text between [CLS] and [SEP]",
+                          "e.g. pretrain.max_length=64")
+    for key, example in (("finetune.lr", "1e-4"), ("pretrain.lr", "1e-3"), ("finetune.max_grad_norm", "1.0")):
         value = OmegaConf.select(cfg, key)
-        if not is_number(value) or value <= 0:
-            raise ConfigError(f"{key}={value!r} must be a positive number", f"e.g. {key}=1e-4")
+        if not is_number(value) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{key}={value!r} must be a positive number", f"e.g. {key}={example}")
+    for key in ("pretrain.weight_decay", "optimizer.weight_decay"):
+        value = OmegaConf.select(cfg, key)
+        if not is_number(value) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key}={value!r} must be a number >= 0", f"e.g. {key}=0.01")
+    in_range(cfg.finetune.warmup_ratio, "finetune.warmup_ratio", "0.1", 0.0, 1.0)
+    in_range(cfg.pretrain.mlm_probability, "pretrain.mlm_probability", "0.15", 0.0, 1.0, lower_open=True, upper_open=True)
     one_of(cfg.optimizer.name, OPTIMIZERS, "optimizer.name")
     one_of(cfg.finetune.scheduler, SCHEDULERS, "finetune.scheduler")
     positions = cfg.model.max_position_embeddings
@@ -79,9 +139,6 @@ def check_config(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) > positions:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} exceeds the model's {positions} positions",
                               f"set {key}<={positions} or model.max_position_embeddings higher")
-    check_dataset(cfg.dataset)
-    check_device(str(cfg.device))
-    check_cache_dir(Path(cfg.cache_dir))
 
 
 def check_mask(mask: DictConfig) -> None:
@@ -103,15 +160,41 @@ def check_mask(mask: DictConfig) -> None:
 
 
 def check_dataset(dataset: DictConfig) -> None:
-    one_of(dataset.task, sorted(TASKS), "dataset.task")
+    if dataset.get("path"):
+        check_dataset_file(dataset.path, dataset.get("format"), dataset.get("text_column", "text"),
+                           dataset.get("label_column", "label"), dataset.get("encoding", "utf-8"))
+    else:
+        one_of(dataset.task, sorted(TASKS), "dataset.task")
+        packaged_file(dataset.task)
     one_of(dataset.corpus, sorted(CORPORA), "dataset.corpus")
-    packaged_file(dataset.task)
     packaged_file(dataset.corpus)
+    non_negative_int(dataset.split_seed, "dataset.split_seed")
+    for key in ("corpus_max_texts", "max_examples"):
+        if dataset[key] is not None:
+            positive_int(dataset[key], f"dataset.{key}")
     for key in ("validation_fraction", "test_fraction"):
         if not is_number(dataset[key]) or not 0 < dataset[key] < 1:
             raise ConfigError(f"dataset.{key}={dataset[key]!r} must be a number in (0, 1)", f"e.g. dataset.{key}=0.1")
     if dataset.validation_fraction + dataset.test_fraction >= 1:
         raise ConfigError("dataset.validation_fraction + dataset.test_fraction leave no training data", "lower them")
+
+
+def check_corpus_vocabulary(dataset: DictConfig, vocab_size: int) -> None:
+    words = distinct_words(dataset.corpus, dataset.corpus_max_texts, dataset.split_seed, vocab_size)
+    if words < vocab_size:
+        raise ConfigError(f"the pretraining corpus has {words} distinct words, too few for model.vocab_size={vocab_size}",
+                          "raise dataset.corpus_max_texts (null: all) or lower model.vocab_size")
+
+
+@functools.lru_cache(maxsize=None)  # the jobs of a sweep share their corpus
+def distinct_words(corpus: str, max_texts: int | None, split_seed: int, enough: int) -> int:
+    """Distinct words in the corpus's training texts, counting stops at `enough`."""
+    words = set()
+    for text in load_corpus(corpus, max_texts, split_seed).train:
+        words.update(WORD.findall(text.lower()))
+        if len(words) >= enough:
+            break
+    return len(words)
 
 
 def check_device(device: str) -> None:
@@ -128,14 +211,37 @@ def check_device(device: str) -> None:
                           "use device=auto or device=cpu")
 
 
-def check_cache_dir(path: Path) -> None:
-    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError(f"cache_dir={path} is not writable", "point cache_dir at a writable directory")
+def check_writable(path: Path, key: str) -> None:
+    """Create (and drop) a nameless file where `path` will be made: the only sure test, even for root."""
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path.cwd())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{key}={path} is not writable ({existing}: {err.strerror})",
+                          f"point {key} at a writable directory") from None
+
+
+def check_report_dir(path: Path) -> None:
+    """For maskrun-report: the dir must be a run dir or a sweep dir."""
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a directory", "pass a run or sweep dir, e.g. outputs/multirun/<date>/<time>")
+    runs = [p for p in [path, *path.iterdir()] if (p / "metrics.json").is_file() or (p / ".hydra").is_dir()]
+    if not runs and not (path / "multirun.yaml").is_file():
+        raise ConfigError(f"{path} is neither a run dir (metrics.json, .hydra/) nor a sweep dir (multirun.yaml)",
+                          "pass the dir maskrun printed, e.g. outputs/<date>/<time> or outputs/multirun/<date>/<time>")
 
 
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def in_range(value, key: str, example: str, low: float, high: float, lower_open=False, upper_open=False) -> None:
+    above = is_number(value) and (value > low if lower_open else value >= low)
+    below = is_number(value) and (value < high if upper_open else value <= high)
+    if not (above and below):
+        interval = f"{'(' if lower_open else '['}{low:g}, {high:g}{')' if upper_open else ']'}"
+        raise ConfigError(f"{key}={value!r} is not a number in {interval}", f"e.g. {key}={example}")
 
 
 def positive_int(value, key: str) -> None:
