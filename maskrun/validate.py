@@ -19,7 +19,6 @@ from maskrun.data.corpus import CORPORA, load_corpus
 from maskrun.data.packaged import packaged_file
 from maskrun.data.tasks import TASKS
 from maskrun.errors import ConfigError
-from maskrun.masks import STRATEGIES
 
 SCORES = ("magnitude",)
 FREEZE = ("least_important", "most_important")
@@ -142,6 +141,8 @@ def check_training(cfg: DictConfig) -> None:
 
 
 def check_mask(mask: DictConfig) -> None:
+    from maskrun.masks import STRATEGIES  # imports torch: kept off the --cfg / --info path
+
     if not is_number(mask.ratio) or not 0.0 <= mask.ratio <= 1.0:
         raise ConfigError(f"mask.ratio={mask.ratio!r} is not a number in [0, 1]",
                           "0 trains every entry, 1 freezes every eligible entry; e.g. mask.ratio=0.5")
