@@ -44,6 +44,7 @@ def run(cfg, run_dir: Path, metrics: dict) -> None:
         metrics["artifacts"] = {"pretrained": str(pretrained_dir), "mask": "mask.safetensors", "finetuned": None}
 
     with stage_timer(timing, "mask"):
+        torch.manual_seed(cfg.seed)  # the new head's initialisation must not depend on which stages were cache hits
         model = load_task_model(pretrained_dir, task.num_labels).to(device)
         params = eligible_parameters(model, pretrained_names(pretrained_dir), cfg.mask.include, cfg.mask.exclude)
         frozen = build_mask(cfg.mask, params, cfg.seed)
