@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from maskrun.data.checks import check_dataset_file
 from maskrun.data.corpus import CORPORA, load_corpus
 from maskrun.data.packaged import packaged_file
-from maskrun.data.tasks import TASKS
+from maskrun.data.tasks import TASKS, load_task
 from maskrun.errors import ConfigError
 
 SCORES = ("magnitude",)
@@ -82,6 +82,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
         check_model(cfg.model)
         check_training(cfg)
         check_dataset(cfg.dataset)
+        check_task_splits(OmegaConf.to_yaml(cfg.dataset))
         check_corpus_vocabulary(cfg.dataset, cfg.model.vocab_size)
         check_device(str(cfg.device))
     except (TypeError, ValueError, KeyError, AttributeError, OmegaConfBaseException) as err:
@@ -178,6 +179,18 @@ def check_dataset(dataset: DictConfig) -> None:
             raise ConfigError(f"dataset.{key}={dataset[key]!r} must be a number in (0, 1)", f"e.g. dataset.{key}=0.1")
     if dataset.validation_fraction + dataset.test_fraction >= 1:
         raise ConfigError("dataset.validation_fraction + dataset.test_fraction leave no training data", "lower them")
+
+
+@functools.lru_cache(maxsize=None)  # the jobs of a sweep share their dataset
+def check_task_splits(dataset_yaml: str) -> None:
+    """Split the task as the run will: every split needs examples, and training needs two classes."""
+    dataset = OmegaConf.create(dataset_yaml)
+    task = load_task(dataset, dataset.split_seed)
+    empty = [name for name, size in task.split_sizes.items() if size == 0]
+    if empty or len(set(task.train.labels)) < 2:
+        sizes = ", ".join(f"{name} {size}" for name, size in task.split_sizes.items())
+        raise ConfigError(f"dataset {dataset.name} splits into {sizes} examples ({len(task.label_names)} classes): too few",
+                          "raise dataset.max_examples (null: all) or the split fractions")
 
 
 def check_corpus_vocabulary(dataset: DictConfig, vocab_size: int) -> None:

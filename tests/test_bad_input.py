@@ -74,6 +74,7 @@ BAD_COMMAND_LINES = [
     (["finetune.max_length=4096"], "exceeds the model's 128 positions"),
     (["pretrain.max_length=2"], "pretrain.max_length=2"),
     (["dataset.corpus_max_texts=3"], "too few for model.vocab_size=8000"),
+    (["dataset.max_examples=5"], "splits into train 4, validation 0, test 1 examples"),
     (["finetune.lr=-1"], "finetune.lr=-1 must be a positive number"),
     (["pretrain.lr=inf"], "pretrain.lr=inf must be a positive number"),
     (["seed=abc"], "seed='abc'"),
