@@ -100,7 +100,7 @@ class Entry:
 class Cache:
     def __init__(self, root: Path | str):
         self.root = Path(root)
-        self.held = {}  # lock path -> open lock file, held shared until close() or the process ends
+        self.held = {}  # entry path -> its open lock file, held shared until close() or the process ends
 
     def entry(self, stage: str, inputs: dict) -> Path:
         return self.root / stage / cache_key(stage, inputs)
@@ -118,15 +118,25 @@ class Cache:
         status = "hit"
         if not path.is_dir() or entry_problem(path):
             fcntl.flock(lock, fcntl.LOCK_EX)  # drops our shared hold, then waits for writers and users
-            problem = entry_problem(path) if path.is_dir() else "is missing"
-            if problem:  # still: nobody rebuilt it while we waited
-                if path.is_dir():
-                    log.warning("cache entry %s %s; recomputing it", path, problem)
-                self.publish(path, inputs, build)
-                status = "miss"
+            try:
+                status = self.rebuild_unless_sound(path, inputs, build)
+            except BaseException:
+                del self.held[path]
+                lock.close()  # frees the lock at once for the next job to try
+                raise
             fcntl.flock(lock, fcntl.LOCK_SH)
         os.utime(path)
         return path, status
+
+    def rebuild_unless_sound(self, path: Path, inputs: dict, build: Callable[[Path], None]) -> str:
+        """Under the exclusive lock: "hit" if another job built the entry while we waited, else build it."""
+        problem = entry_problem(path) if path.is_dir() else "is missing"
+        if not problem:
+            return "hit"
+        if path.is_dir():
+            log.warning("cache entry %s %s; recomputing it", path, problem)
+        self.publish(path, inputs, build)
+        return "miss"
 
     def publish(self, path: Path, inputs: dict, build: Callable[[Path], None]) -> None:
         """Build into a temporary dir, then rename it into place (replacing a bad entry). Hold the lock exclusively."""

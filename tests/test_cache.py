@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from maskrun import cache_cli
-from maskrun.cache import MANIFEST, Cache
+from maskrun.cache import MANIFEST, Cache, open_lock, try_lock_exclusive
 
 INPUTS = {"model": {"hidden_size": 32}, "seed": 0}
 
@@ -81,7 +81,7 @@ def test_the_same_job_can_refetch_an_entry_it_holds_after_damage(tmp_path):
     assert cache.fetch("pretrain", INPUTS, counting_build(counter)) == (entry, "miss")
 
 
-def test_a_failed_build_leaves_no_entry(tmp_path):
+def test_a_failed_build_leaves_no_entry_and_frees_the_lock(tmp_path):
     cache = Cache(tmp_path / "cache")
 
     def broken(out: Path) -> None:
@@ -92,6 +92,8 @@ def test_a_failed_build_leaves_no_entry(tmp_path):
         cache.fetch("pretrain", INPUTS, broken)
     entry = cache.entry("pretrain", INPUTS)
     assert [p.name for p in entry.parent.iterdir()] == [f"{entry.name}.lock"]
+    with open_lock(entry) as lock:
+        assert try_lock_exclusive(lock)  # the next job may build it at once
 
 
 def fetch_in_child(root: Path, counter: Path, pause_s: float, results) -> None:
