@@ -27,6 +27,7 @@ GRANULARITIES = ("element",)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 SECTIONS = ("model", "dataset", "mask", "optimizer", "pretrain", "finetune", "eval")
+ABSENT = object()
 WORD = re.compile(r"\w+|[^\w\s]")  # what the tokenizer's BERT pre-tokenizer splits text into
 
 
@@ -37,9 +38,12 @@ def compose_jobs(config_module: str, config_name: str, overrides: list[str], mul
         jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
         if not multirun and any(o.is_sweep_override() for o in parsed):
             raise ConfigError(f"{' '.join(overrides)} describes several runs", "add -m to run them as a sweep")
-        check_added_keys(config_module, parsed)
+        groups = {p.name for p in files(config_module).iterdir() if p.is_dir() and not p.name.startswith("_")}
         with initialize_config_module(config_module, version_base="1.3"):
-            return [compose(config_name, job, return_hydra_config=True) for job in jobs]
+            configs = [compose(config_name, job, return_hydra_config=True) for job in jobs]
+            for job in jobs:
+                check_added_keys(config_name, job, groups)
+            return configs
     except MissingConfigException as err:
         raise unknown_option(err) from None
     except OverrideParseException as err:
@@ -48,15 +52,24 @@ def compose_jobs(config_module: str, config_name: str, overrides: list[str], mul
         match = re.search(r"Could not override '([^']+)'", str(err))
         if match:
             raise ConfigError(f"unknown key '{match.group(1)}'", "check the spelling; maskrun --cfg job lists every key") from None
+        match = re.search(r"An item is already at '([^']+)'|Multiple values for (\S+)\.", str(err))
+        if match:
+            key = match.group(1) or match.group(2)
+            raise ConfigError(f"+{key} adds what already exists", f"drop the '+': {key}=<value>") from None
         raise ConfigError(first_line(err), "see maskrun --help") from None
 
 
-def check_added_keys(config_module: str, parsed) -> None:
-    """`+key=value` may pick a config group; a new plain key would be silently ignored by every stage."""
-    groups = {p.name for p in files(config_module).iterdir() if p.is_dir() and not p.name.startswith("_")}
-    for override in parsed:
-        key = override.key_or_group
-        if (override.is_add() or override.is_force_add()) and key.split("/")[0] not in groups | {"hydra"}:
+def check_added_keys(config_name: str, job: list[str], groups: set[str]) -> None:
+    """`+key` / `++key` may add a config group or a Hydra setting, or set a key that exists; a new
+    plain key would be silently ignored by every stage."""
+    parsed = OverridesParser.create().parse_overrides(job)
+    added = [(line, o.key_or_group) for line, o in zip(job, parsed) if o.is_add() or o.is_force_add()]
+    plain = [(line, key) for line, key in added if key not in groups and not key.startswith(("hydra.", "hydra/"))]
+    if not plain:
+        return
+    without = compose(config_name, [line for line in job if line not in {line for line, _ in plain}])
+    for _, key in plain:
+        if OmegaConf.select(without, key, default=ABSENT) is ABSENT:
             raise ConfigError(f"unknown key '{key}'", "check the spelling; maskrun --cfg job lists every key")
 
 

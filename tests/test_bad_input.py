@@ -59,6 +59,8 @@ BAD_COMMAND_LINES = [
     (["optimizer=lion"], "unknown optimizer 'lion'"),
     (["mask.ratioo=0.5"], "unknown key 'mask.ratioo'"),
     (["+learning_rate=0.1"], "unknown key 'learning_rate'"),
+    (["++mask.extra=1"], "unknown key 'mask.extra'"),
+    (["+seed=4"], "+seed adds what already exists"),
     (["-m", "mask.ratio=0.1,0.5,7"], "mask.ratio=7"),
     (["-m", "seed=0,1", "finetune.batch_size=16,0"], "finetune.batch_size=0"),
     (["mask.ratio=0.1,0.5"], "describes several runs"),
@@ -197,3 +199,15 @@ def test_maskrun_report_refuses_a_dir_that_is_no_run_or_sweep(tmp_path):
     (tmp_path / "sweep" / "multirun.yaml").write_text("{}")
     check_report_dir(tmp_path / "run")
     check_report_dir(tmp_path / "sweep")
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "seed=range(2)", "experiment=smoke", "mask=none,random"],
+    ["++seed=3", "+hydra.job.env_set.TOKENIZERS_PARALLELISM=false"],
+    ["optimizer=sgd", "++optimizer.momentum=0.5", "mask.include=[encoder]"],
+    ["experiment=smoke", "dataset.max_examples=12", "device=cpu", "cache_dir=new/cache/dir"],
+])
+def test_good_command_lines_pass_and_write_nothing(workdir, argv):
+    before = snapshot(workdir)
+    cli.check_command_line(argv)
+    assert snapshot(workdir) == before
