@@ -58,16 +58,21 @@ def same_result(a: dict, b: dict) -> bool:
 def kill_and_rerun(workdir: Path, rng: random.Random) -> bool:
     cache = workdir / "cache"
     common = [*SWEEP, f"cache_dir={cache}"]
-    delay = rng.uniform(3, 40)
+    # A random moment, whatever the machine's speed: after a random number of finished jobs, plus up to 20 s.
+    finished, extra_s = rng.randrange(6), rng.uniform(0, 20)
+    start = time.perf_counter()
     killed = maskrun([*common, f"hydra.sweep.dir={workdir / 'killed'}"], workdir)
-    time.sleep(delay)
+    while len(jobs(workdir / "killed")) < finished and killed.poll() is None:
+        time.sleep(0.1)
+    time.sleep(extra_s)
     if killed.poll() is not None:
-        print(f"the sweep ended before the kill at {delay:.1f} s: nothing tested")
+        print("the sweep ended before the kill: nothing tested")
         return False
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     before = jobs(workdir / "killed")
-    print(f"killed the sweep after {delay:.1f} s: {len(before)} of 6 jobs had finished")
+    print(f"killed the sweep after {time.perf_counter() - start:.1f} s ({finished} jobs done + {extra_s:.1f} s): "
+          f"{len(before)} of 6 jobs had finished")
 
     start = time.perf_counter()
     rerun = maskrun([*common, f"hydra.sweep.dir={workdir / 'rerun'}"], workdir)
