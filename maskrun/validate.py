@@ -90,13 +90,14 @@ def first_line(err: Exception) -> str:
 
 def check_config(cfg: DictConfig, multirun: bool = False) -> None:
     try:
-        check_sections(cfg)
+        check_top_level(cfg)
         check_mask(cfg.mask)
         check_model(cfg.model)
         check_training(cfg)
         check_dataset(cfg.dataset)
         check_task_splits(OmegaConf.to_yaml(cfg.dataset))
-        check_corpus_vocabulary(cfg.dataset, cfg.model.vocab_size)
+        if "vocab_size" in cfg.model:  # a vocabulary trained on the corpus (a packaged model brings its own)
+            check_corpus_vocabulary(cfg.dataset, cfg.model.vocab_size)
         check_device(str(cfg.device))
     except (TypeError, ValueError, KeyError, AttributeError, OmegaConfBaseException) as err:
         # A value of the wrong shape (a list for a number, a section set to a string) trips a check.
@@ -106,7 +107,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
     check_writable(Path(OmegaConf.select(cfg, output_key)), output_key)
 
 
-def check_sections(cfg: DictConfig) -> None:
+def check_top_level(cfg: DictConfig) -> None:
     for section in SECTIONS:
         if not isinstance(cfg.get(section), DictConfig):
             raise ConfigError(f"{section}={cfg.get(section)!r} replaces the whole {section} section",
@@ -117,12 +118,15 @@ def check_sections(cfg: DictConfig) -> None:
 
 
 def check_model(model: DictConfig) -> None:
+    """The shape of a model built from scratch; a pretrained model's own config sets none of these."""
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
-        positive_int(model[key], f"model.{key}")
-    if model.hidden_size % model.num_heads:
+        if key in model:
+            positive_int(model[key], f"model.{key}")
+    if "hidden_size" in model and "num_heads" in model and model.hidden_size % model.num_heads:
         raise ConfigError(f"model.hidden_size={model.hidden_size} is not a multiple of model.num_heads={model.num_heads}",
                           "make the hidden size divisible by the number of attention heads")
-    in_range(model.dropout, "model.dropout", "0.1", 0.0, 1.0, upper_open=True)
+    if "dropout" in model:
+        in_range(model.dropout, "model.dropout", "0.1", 0.0, 1.0, upper_open=True)
 
 
 def check_training(cfg: DictConfig) -> None:
@@ -147,9 +151,9 @@ def check_training(cfg: DictConfig) -> None:
     in_range(cfg.pretrain.mlm_probability, "pretrain.mlm_probability", "0.15", 0.0, 1.0, lower_open=True, upper_open=True)
     one_of(cfg.optimizer.name, OPTIMIZERS, "optimizer.name")
     one_of(cfg.finetune.scheduler, SCHEDULERS, "finetune.scheduler")
-    positions = cfg.model.max_position_embeddings
+    positions = cfg.model.get("max_position_embeddings")
     for key in ("pretrain.max_length", "finetune.max_length"):
-        if OmegaConf.select(cfg, key) > positions:
+        if positions is not None and OmegaConf.select(cfg, key) > positions:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} exceeds the model's {positions} positions",
                               f"set {key}<={positions} or model.max_position_embeddings higher")
 
