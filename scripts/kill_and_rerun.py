@@ -58,8 +58,8 @@ def same_result(a: dict, b: dict) -> bool:
 def kill_and_rerun(workdir: Path, rng: random.Random) -> bool:
     cache = workdir / "cache"
     common = [*SWEEP, f"cache_dir={cache}"]
-    # A random moment, whatever the machine's speed: after a random number of finished jobs, plus up to 20 s.
-    finished, extra_s = rng.randrange(6), rng.uniform(0, 20)
+    # A random moment, whatever the machine's speed: after a random number of finished jobs, plus up to 3 s.
+    finished, extra_s = rng.randrange(6), rng.uniform(0, 3)
     start = time.perf_counter()
     killed = maskrun([*common, f"hydra.sweep.dir={workdir / 'killed'}"], workdir)
     while len(jobs(workdir / "killed")) < finished and killed.poll() is None:
