@@ -4,6 +4,8 @@ Bad input exits 2 with one line `maskrun: error: <what> (<how to fix>)` before a
 a failure during a run exits 1 and is recorded in that run's metrics.json.
 """
 
+import contextlib
+import io
 import sys
 
 import hydra
@@ -40,17 +42,22 @@ def check_command_line(argv: list[str]) -> None:
     """Compose every job's config and check it, so that bad input is refused before any work."""
     from hydra._internal.utils import get_args_parser
 
+    argparse_errors = io.StringIO()
     try:
-        args = get_args_parser().parse_args(argv)
-    except SystemExit:
-        raise ConfigError("unrecognised command-line flag", "see maskrun --help") from None
+        with contextlib.redirect_stderr(argparse_errors):
+            args = get_args_parser().parse_args(argv)
+    except SystemExit as exit:
+        if exit.code == 0:  # --version
+            raise
+        reason = argparse_errors.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise ConfigError(reason, "see maskrun --help") from None
     if args.help or args.hydra_help or args.shell_completion:
         return
     from maskrun.validate import check_config, compose_jobs
 
     for cfg in compose_jobs(CONFIG_MODULE, args.config_name or "config", args.overrides, args.multirun):
         if not (args.cfg or args.info):
-            check_config(cfg)
+            check_config(cfg, args.multirun)
 
 
 if __name__ == "__main__":

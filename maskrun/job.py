@@ -11,6 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from maskrun import pipeline
+from maskrun.provenance import versions
 from maskrun.report.run import print_summary, write_run_report
 
 
@@ -30,6 +31,7 @@ def new_metrics(cfg: DictConfig) -> dict:
         "artifacts": {"pretrained": None, "mask": None, "finetuned": None},
         "timing": {},
         "memory": {},
+        "versions": versions(),
     }
 
 

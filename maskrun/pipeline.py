@@ -49,7 +49,7 @@ def run(cfg, run_dir: Path, metrics: dict) -> None:
                                   if needs_scores(cfg.mask) else (None, "skipped"))
 
     with stage_timer(timing, "mask"):
-        torch.manual_seed(cfg.seed)  # the new task head's initialisation, whatever ran before in this process
+        torch.manual_seed(cfg.seed)  # the new head's initialisation must not depend on which stages were cache hits
         model = load_task_model(pretrained_dir, task.num_labels).to(device)
         params = eligible_parameters(model, pretrained_names(pretrained_dir), cfg.mask.include, cfg.mask.exclude)
         frozen = build_mask(cfg.mask, params, scores, cfg.seed)

@@ -1,7 +1,10 @@
 """Checks of a composed config that run before any work: every message says what and how to fix it."""
 
-import os
+import functools
+import math
 import re
+import tempfile
+from importlib.resources import files
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -11,9 +14,10 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from maskrun.data.corpus import CORPORA
+from maskrun.data.checks import check_dataset_file
+from maskrun.data.corpus import CORPORA, load_corpus
 from maskrun.data.packaged import packaged_file
-from maskrun.data.tasks import TASKS
+from maskrun.data.tasks import TASKS, load_task
 from maskrun.errors import ConfigError
 from maskrun.masks import STRATEGIES
 from maskrun.masks.importance import FREEZE
@@ -22,6 +26,9 @@ from maskrun.masks.scores import FISHER, SCORES
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 PRECISIONS = ("fp32", "bf16", "fp16")
+SECTIONS = ("model", "dataset", "mask", "optimizer", "pretrain", "finetune", "eval")
+ABSENT = object()
+WORD = re.compile(r"\w+|[^\w\s]")  # what the tokenizer's BERT pre-tokenizer splits text into
 
 
 def compose_jobs(config_module: str, config_name: str, overrides: list[str], multirun: bool) -> list[DictConfig]:
@@ -31,8 +38,12 @@ def compose_jobs(config_module: str, config_name: str, overrides: list[str], mul
         jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
         if not multirun and any(o.is_sweep_override() for o in parsed):
             raise ConfigError(f"{' '.join(overrides)} describes several runs", "add -m to run them as a sweep")
+        groups = {p.name for p in files(config_module).iterdir() if p.is_dir() and not p.name.startswith("_")}
         with initialize_config_module(config_module, version_base="1.3"):
-            return [compose(config_name, job, return_hydra_config=True) for job in jobs]
+            configs = [compose(config_name, job, return_hydra_config=True) for job in jobs]
+            for job in jobs:
+                check_added_keys(config_name, job, groups)
+            return configs
     except MissingConfigException as err:
         raise unknown_option(err) from None
     except OverrideParseException as err:
@@ -41,12 +52,30 @@ def compose_jobs(config_module: str, config_name: str, overrides: list[str], mul
         match = re.search(r"Could not override '([^']+)'", str(err))
         if match:
             raise ConfigError(f"unknown key '{match.group(1)}'", "check the spelling; maskrun --cfg job lists every key") from None
+        match = re.search(r"An item is already at '([^']+)'|Multiple values for (\S+)\.", str(err))
+        if match:
+            key = match.group(1) or match.group(2)
+            raise ConfigError(f"+{key} adds what already exists", f"drop the '+': {key}=<value>") from None
         raise ConfigError(first_line(err), "see maskrun --help") from None
+
+
+def check_added_keys(config_name: str, job: list[str], groups: set[str]) -> None:
+    """`+key` / `++key` may add a config group or a Hydra setting, or set a key that exists; a new
+    plain key would be silently ignored by every stage."""
+    parsed = OverridesParser.create().parse_overrides(job)
+    added = [(line, o.key_or_group) for line, o in zip(job, parsed) if o.is_add() or o.is_force_add()]
+    plain = [(line, key) for line, key in added if key not in groups and not key.startswith(("hydra.", "hydra/"))]
+    if not plain:
+        return
+    without = compose(config_name, [line for line in job if line not in {line for line, _ in plain}])
+    for _, key in plain:
+        if OmegaConf.select(without, key, default=ABSENT) is ABSENT:
+            raise ConfigError(f"unknown key '{key}'", "check the spelling; maskrun --cfg job lists every key")
 
 
 def unknown_option(err: MissingConfigException) -> ConfigError:
     text = str(err)
-    match = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    match = re.search(r"Could not find '([^']+)/([^'/]*)'", text)
     options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
     if not match:
         return ConfigError(first_line(err), "see maskrun --help")
@@ -59,32 +88,79 @@ def first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def check_config(cfg: DictConfig) -> None:
-    check_mask(cfg.mask)
+def check_config(cfg: DictConfig, multirun: bool = False) -> None:
+    try:
+        check_top_level(cfg)
+        check_mask(cfg.mask)
+        check_model(cfg.model)
+        check_training(cfg)
+        check_dataset(cfg.dataset)
+        check_task_splits(OmegaConf.to_yaml(cfg.dataset))
+        if "vocab_size" in cfg.model:  # a vocabulary trained on the corpus (a packaged model brings its own)
+            check_corpus_vocabulary(cfg.dataset, cfg.model.vocab_size)
+        check_device(str(cfg.device))
+    except (TypeError, ValueError, KeyError, AttributeError, OmegaConfBaseException) as err:
+        # A value of the wrong shape (a list for a number, a section set to a string) trips a check.
+        raise ConfigError(f"malformed configuration: {first_line(err)}", "maskrun --cfg job shows every key and its value") from None
+    check_writable(Path(cfg.cache_dir), "cache_dir")
+    output_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    check_writable(Path(OmegaConf.select(cfg, output_key)), output_key)
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    for section in SECTIONS:
+        if not isinstance(cfg.get(section), DictConfig):
+            raise ConfigError(f"{section}={cfg.get(section)!r} replaces the whole {section} section",
+                              f"set one key inside it, e.g. {section}.<key>=<value>; maskrun --cfg job lists them")
+    non_negative_int(cfg.seed, "seed")
+    if not isinstance(cfg.save_model, bool):
+        raise ConfigError(f"save_model={cfg.save_model!r} is not true or false", "save_model=true or save_model=false")
+
+
+def check_model(model: DictConfig) -> None:
+    """The shape of a model built from scratch; a pretrained model's own config sets none of these."""
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+        if key in model:
+            positive_int(model[key], f"model.{key}")
+    if "hidden_size" in model and "num_heads" in model and model.hidden_size % model.num_heads:
+        raise ConfigError(f"model.hidden_size={model.hidden_size} is not a multiple of model.num_heads={model.num_heads}",
+                          "make the hidden size divisible by the number of attention heads")
+    if "dropout" in model:
+        in_range(model.dropout, "model.dropout", "0.1", 0.0, 1.0, upper_open=True)
+
+
+def check_training(cfg: DictConfig) -> None:
     for section, keys in {"pretrain": ("batch_size",), "finetune": ("batch_size", "epochs", "grad_accum", "max_length"),
                           "eval": ("batch_size", "heldout_texts")}.items():
         for key in keys:
             positive_int(cfg[section][key], f"{section}.{key}")
     non_negative_int(cfg.pretrain.steps, "pretrain.steps")
     positive_int(cfg.pretrain.max_length, "pretrain.max_length")
-    for key in ("finetune.lr", "pretrain.lr"):
+    if cfg.pretrain.max_length < 3:
+        raise ConfigError(f"pretrain.max_length={cfg.pretrain.max_length} leaves no room for text between [CLS] and [SEP]",
+                          "e.g. pretrain.max_length=64")
+    for key, example in (("finetune.lr", "1e-4"), ("pretrain.lr", "1e-3")):
         value = OmegaConf.select(cfg, key)
-        if not is_number(value) or value <= 0:
-            raise ConfigError(f"{key}={value!r} must be a positive number", f"e.g. {key}=1e-4")
+        if not is_number(value) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{key}={value!r} must be a positive number", f"e.g. {key}={example}")
+    for key in ("pretrain.weight_decay", "optimizer.weight_decay"):
+        value = OmegaConf.select(cfg, key)
+        if not is_number(value) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key}={value!r} must be a number >= 0", f"e.g. {key}=0.01")
+    in_range(cfg.pretrain.mlm_probability, "pretrain.mlm_probability", "0.15", 0.0, 1.0, lower_open=True, upper_open=True)
     one_of(cfg.optimizer.name, OPTIMIZERS, "optimizer.name")
     one_of(cfg.finetune.scheduler, SCHEDULERS, "finetune.scheduler")
-    check_training(cfg.finetune, cfg.optimizer)
-    positions = cfg.model.max_position_embeddings
+    check_finetune_recipe(cfg.finetune, cfg.optimizer)
+    positions = cfg.model.get("max_position_embeddings")
     for key in ("pretrain.max_length", "finetune.max_length"):
-        if OmegaConf.select(cfg, key) > positions:
+        if positions is not None and OmegaConf.select(cfg, key) > positions:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} exceeds the model's {positions} positions",
                               f"set {key}<={positions} or model.max_position_embeddings higher")
-    check_dataset(cfg.dataset)
-    check_device(str(cfg.device))
-    check_cache_dir(Path(cfg.cache_dir))
 
 
 def check_mask(mask: DictConfig) -> None:
+    from maskrun.masks import STRATEGIES  # imports torch: kept off the --cfg / --info path
+
     if not is_number(mask.ratio) or not 0.0 <= mask.ratio <= 1.0:
         raise ConfigError(f"mask.ratio={mask.ratio!r} is not a number in [0, 1]",
                           "0 trains every entry, 1 freezes every eligible entry; e.g. mask.ratio=0.5")
@@ -110,13 +186,12 @@ def check_mask(mask: DictConfig) -> None:
                 raise ConfigError(f"mask.{key} pattern {pattern!r} is not a valid regex: {err}", "fix the pattern") from None
 
 
-def check_training(fcfg: DictConfig, ocfg: DictConfig) -> None:
+def check_finetune_recipe(fcfg: DictConfig, ocfg: DictConfig) -> None:
     one_of(fcfg.precision, PRECISIONS, "finetune.precision")
     if fcfg.max_grad_norm is not None and (not is_number(fcfg.max_grad_norm) or fcfg.max_grad_norm <= 0):
         raise ConfigError(f"finetune.max_grad_norm={fcfg.max_grad_norm!r} must be a positive number or null",
                           "e.g. finetune.max_grad_norm=1.0, or null for no clipping")
-    if not is_number(fcfg.warmup_ratio) or not 0 <= fcfg.warmup_ratio < 1:
-        raise ConfigError(f"finetune.warmup_ratio={fcfg.warmup_ratio!r} must be a number in [0, 1)", "e.g. finetune.warmup_ratio=0.1")
+    in_range(fcfg.warmup_ratio, "finetune.warmup_ratio", "0.1", 0.0, 1.0, upper_open=True)
     if not is_number(fcfg.input_mask_prob) or not 0 <= fcfg.input_mask_prob < 1:
         raise ConfigError(f"finetune.input_mask_prob={fcfg.input_mask_prob!r} must be a number in [0, 1)",
                           "e.g. finetune.input_mask_prob=0.1")
@@ -127,8 +202,6 @@ def check_training(fcfg: DictConfig, ocfg: DictConfig) -> None:
         if fcfg.unfreeze_after >= fcfg.epochs:
             raise ConfigError(f"finetune.unfreeze_after={fcfg.unfreeze_after} leaves no epoch of the {fcfg.epochs} to train unfrozen",
                               "set finetune.unfreeze_after below finetune.epochs, or null")
-    if not is_number(ocfg.weight_decay) or ocfg.weight_decay < 0:
-        raise ConfigError(f"optimizer.weight_decay={ocfg.weight_decay!r} must be a number >= 0", "e.g. optimizer.weight_decay=0.01")
     if ocfg.name == "sgd":
         if not is_number(ocfg.momentum) or not 0 <= ocfg.momentum < 1:
             raise ConfigError(f"optimizer.momentum={ocfg.momentum!r} must be a number in [0, 1)", "e.g. optimizer.momentum=0.9")
@@ -137,15 +210,53 @@ def check_training(fcfg: DictConfig, ocfg: DictConfig) -> None:
 
 
 def check_dataset(dataset: DictConfig) -> None:
-    one_of(dataset.task, sorted(TASKS), "dataset.task")
+    if dataset.get("path"):
+        check_dataset_file(dataset.path, dataset.get("format"), dataset.get("text_column", "text"),
+                           dataset.get("label_column", "label"), dataset.get("encoding", "utf-8"))
+    else:
+        one_of(dataset.task, sorted(TASKS), "dataset.task")
+        packaged_file(dataset.task)
     one_of(dataset.corpus, sorted(CORPORA), "dataset.corpus")
-    packaged_file(dataset.task)
     packaged_file(dataset.corpus)
+    non_negative_int(dataset.split_seed, "dataset.split_seed")
+    for key in ("corpus_max_texts", "max_examples"):
+        if dataset[key] is not None:
+            positive_int(dataset[key], f"dataset.{key}")
     for key in ("validation_fraction", "test_fraction"):
         if not is_number(dataset[key]) or not 0 < dataset[key] < 1:
             raise ConfigError(f"dataset.{key}={dataset[key]!r} must be a number in (0, 1)", f"e.g. dataset.{key}=0.1")
     if dataset.validation_fraction + dataset.test_fraction >= 1:
         raise ConfigError("dataset.validation_fraction + dataset.test_fraction leave no training data", "lower them")
+
+
+@functools.lru_cache(maxsize=None)  # the jobs of a sweep share their dataset
+def check_task_splits(dataset_yaml: str) -> None:
+    """Split the task as the run will: every split needs examples, and training needs two classes."""
+    dataset = OmegaConf.create(dataset_yaml)
+    task = load_task(dataset, dataset.split_seed)
+    empty = [name for name, size in task.split_sizes.items() if size == 0]
+    if empty or len(set(task.train.labels)) < 2:
+        sizes = ", ".join(f"{name} {size}" for name, size in task.split_sizes.items())
+        raise ConfigError(f"dataset {dataset.name} splits into {sizes} examples ({len(task.label_names)} classes): too few",
+                          "raise dataset.max_examples (null: all) or the split fractions")
+
+
+def check_corpus_vocabulary(dataset: DictConfig, vocab_size: int) -> None:
+    words = distinct_words(dataset.corpus, dataset.corpus_max_texts, dataset.split_seed, vocab_size)
+    if words < vocab_size:
+        raise ConfigError(f"the pretraining corpus has {words} distinct words, too few for model.vocab_size={vocab_size}",
+                          "raise dataset.corpus_max_texts (null: all) or lower model.vocab_size")
+
+
+@functools.lru_cache(maxsize=None)  # the jobs of a sweep share their corpus
+def distinct_words(corpus: str, max_texts: int | None, split_seed: int, enough: int) -> int:
+    """Distinct words in the corpus's training texts, counting stops at `enough`."""
+    words = set()
+    for text in load_corpus(corpus, max_texts, split_seed).train:
+        words.update(WORD.findall(text.lower()))
+        if len(words) >= enough:
+            break
+    return len(words)
 
 
 def check_device(device: str) -> None:
@@ -162,14 +273,37 @@ def check_device(device: str) -> None:
                           "use device=auto or device=cpu")
 
 
-def check_cache_dir(path: Path) -> None:
-    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError(f"cache_dir={path} is not writable", "point cache_dir at a writable directory")
+def check_writable(path: Path, key: str) -> None:
+    """Create (and drop) a nameless file where `path` will be made: the only sure test, even for root."""
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path.cwd())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{key}={path} is not writable ({existing}: {err.strerror})",
+                          f"point {key} at a writable directory") from None
+
+
+def check_report_dir(path: Path) -> None:
+    """For maskrun-report: the dir must be a run dir or a sweep dir."""
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a directory", "pass a run or sweep dir, e.g. outputs/multirun/<date>/<time>")
+    runs = [p for p in [path, *path.iterdir()] if (p / "metrics.json").is_file() or (p / ".hydra").is_dir()]
+    if not runs and not (path / "multirun.yaml").is_file():
+        raise ConfigError(f"{path} is neither a run dir (metrics.json, .hydra/) nor a sweep dir (multirun.yaml)",
+                          "pass the dir maskrun printed, e.g. outputs/<date>/<time> or outputs/multirun/<date>/<time>")
 
 
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def in_range(value, key: str, example: str, low: float, high: float, lower_open=False, upper_open=False) -> None:
+    above = is_number(value) and (value > low if lower_open else value >= low)
+    below = is_number(value) and (value < high if upper_open else value <= high)
+    if not (above and below):
+        interval = f"{'(' if lower_open else '['}{low:g}, {high:g}{')' if upper_open else ']'}"
+        raise ConfigError(f"{key}={value!r} is not a number in {interval}", f"e.g. {key}={example}")
 
 
 def positive_int(value, key: str) -> None:

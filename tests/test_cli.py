@@ -1,0 +1,39 @@
+"""Hydra's own flags pass through the error boundary, and `maskrun --help` stays light."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli
+
+HELP_PATH = """
+import json, sys
+sys.argv = ["maskrun", "--help"]
+from maskrun import cli
+try:
+    cli.main()
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({"exit": code, "torch_imported": "torch" in sys.modules}))
+"""
+
+
+def test_help_lists_the_groups_without_importing_torch(tmp_path):
+    result = subprocess.run([sys.executable, "-c", HELP_PATH], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    *help_text, outcome = result.stdout.strip().splitlines()
+    assert json.loads(outcome) == {"exit": 0, "torch_imported": False}
+    assert "mask: importance, none, random" in help_text and not result.stderr
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--cfg", "job", "mask.ratio=0.3"], "  ratio: 0.3"),
+    (["--info", "defaults"], "mask/importance"),
+    (["-sc", "install=bash"], "hydra_bash_completion"),
+])
+def test_hydra_flags_work(tmp_path, flags, expected):
+    result = run_cli(flags, tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout
+    assert not (tmp_path / "outputs").exists()
