@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,9 @@ def test_help_lists_the_groups_without_importing_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", HELP_PATH], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     *help_text, outcome = result.stdout.strip().splitlines()
     assert json.loads(outcome) == {"exit": 0, "torch_imported": False}
-    assert "mask: importance, none, random" in help_text and not result.stderr
+    mask_options = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "mask").glob("*.yaml"))
+    assert f"mask: {', '.join(mask_options)}" in help_text and not result.stderr
+    assert help_text[0].startswith("maskrun is powered by Hydra")
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -23,7 +23,7 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_option_composes_and_validates(group, option, tmp_path):
     with initialize_config_module("maskrun.conf", version_base="1.3"):
-        cfg = compose("config", [f"{group}={option}", f"cache_dir={tmp_path}/cache"])
+        cfg = compose("config", [f"{group}={option}", f"cache_dir={tmp_path}/cache"], return_hydra_config=True)
     check_config(cfg)
     if group != "experiment":
         assert cfg[group] is not None
