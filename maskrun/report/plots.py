@@ -39,7 +39,8 @@ def accuracy_vs_forgetting(table: pd.DataFrame, front: pd.Series, path: Path) ->
             ax.annotate(f"{row['mask.ratio']:g}", (row[f"{FORGETTING} mean"], row[f"{ACCURACY} mean"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
     best = table[front].sort_values(f"{FORGETTING} mean")
-    ax.plot(best[f"{FORGETTING} mean"], best[f"{ACCURACY} mean"], "k--", lw=1, label="Pareto front")
+    ax.plot(best[f"{FORGETTING} mean"], best[f"{ACCURACY} mean"], "k--", lw=1, marker="o", ms=12, mfc="none",
+            label="Pareto front")
     ax.set(xlabel=LABELS[FORGETTING] + " (lower is better)", ylabel=LABELS[ACCURACY],
            title="accuracy vs forgetting (labels: ratio)")
     ax.legend(fontsize=8)

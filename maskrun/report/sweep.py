@@ -26,6 +26,10 @@ ACCURACY, FORGETTING = plots.ACCURACY, plots.FORGETTING
 SETTING = ["task.name", "mask.strategy", "mask.ratio", "setting"]  # one group of seeds
 
 
+def is_sweep_dir(path: Path) -> bool:
+    return (path / "multirun.yaml").is_file()  # Hydra writes it when the sweep starts
+
+
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """Every job dir of the sweep (Hydra writes .hydra/ into each), in job order."""
     dirs = {p.parent for p in sweep_dir.rglob("metrics.json")} | {p.parent for p in sweep_dir.rglob(".hydra")}
@@ -83,11 +87,11 @@ def pareto_front(table: pd.DataFrame) -> pd.Series:
     return ~pd.Series(dominated, index=table.index) & forget.notna()
 
 
-def mean_std(row: pd.Series, metric: str) -> str:
+def mean_std(row: pd.Series, metric: str, digits: int = 4) -> str:
     mean, std = row.get(f"{metric} mean"), row.get(f"{metric} std")
     if mean is None or pd.isna(mean):
         return "–"
-    return f"{mean:.4f}" if pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
+    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def setting_name(row: pd.Series) -> str:
@@ -135,15 +139,16 @@ def write_sweep_report(sweep_dir: Path) -> pd.DataFrame:
 
 
 def print_sweep_table(sweep_dir: Path, summary: pd.DataFrame) -> None:
-    table = aggregate(summary)
-    metrics = [m for m in METRICS if f"{m} mean" in table.columns]
-    view = Table(title=f"maskrun sweep · {sweep_dir}")
-    for column in ["task", "strategy", "ratio", "setting", "seeds"] + [METRICS[m] for m in metrics]:
-        view.add_column(column)
-    for _, row in table.iterrows():
-        view.add_row(row["task.name"], row["mask.strategy"], f"{row['mask.ratio']:g}", row["setting"] or "–",
-                     str(row["seeds"]), *[mean_std(row, m) for m in metrics])
-    console.print(view)
+    """Per task, the report's table (without macro-F1, to fit a terminal), then the jobs that are not ok."""
+    metrics = [m for m in METRICS if m != "task.test.macro_f1"]
+    for task, table in aggregate(summary).groupby("task.name"):
+        view = Table(title=f"maskrun sweep · {task} · {sweep_dir}")
+        for column in ["strategy", "ratio", "setting", "seeds"] + [METRICS[m] for m in metrics]:
+            view.add_column(column)
+        for _, row in table.iterrows():
+            view.add_row(row["mask.strategy"], f"{row['mask.ratio']:g}", row["setting"] or "–", str(row["seeds"]),
+                         *[mean_std(row, m, digits=3) for m in metrics])
+        console.print(view)
     for _, row in summary[summary["status"] != "ok"].iterrows():
         console.print(f"[red]job {row['job']} {row['status']}[/red]: {row['error']}")
     console.print(f"report: {sweep_dir / 'report.md'}")
