@@ -21,14 +21,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from filelock import FileLock, Timeout
 
 FAKE_GPUS_ENV = "MASKRUN_FAKE_GPUS"
 LOCK_DIR = Path(tempfile.gettempdir()) / f"maskrun-gpu-leases-{os.getuid()}"  # per host and user
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str):
+    """The torch.device that `device=name` means."""
+    import torch  # here, not at the top: leases and resumed jobs need no torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -14,7 +14,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from maskrun import pipeline
 from maskrun.cache import cache_key
 from maskrun.devices import gpu_lease
 from maskrun.progress import console
@@ -64,6 +63,8 @@ def run_job(cfg: DictConfig) -> str:
     if finished_before(run_dir, hash_):
         console.print(f"maskrun: reused finished run {run_dir} (config {hash_})")
         return "ok"
+    from maskrun import pipeline  # torch and transformers: not needed to reuse a finished job
+
     metrics = new_metrics(cfg, hash_)
     with gpu_lease(str(cfg.device)) as gpu:  # before any CUDA call
         metrics["lease"].update(gpu=gpu, start=time.time())
