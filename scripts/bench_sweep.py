@@ -38,11 +38,13 @@ def maskrun(args: list[str], cwd: Path) -> float:
 
 
 def sweep(workdir: Path) -> float:
+    workdir.mkdir()
     return maskrun(["-m", f"mask.ratio={','.join(RATIOS)}", f"cache_dir={workdir / 'cache'}",
                     f"hydra.sweep.dir={workdir / 'sweep'}"], workdir)
 
 
 def runs_alone(workdir: Path) -> float:
+    workdir.mkdir()
     cold_s = maskrun([f"mask.ratio={RATIOS[0]}", f"cache_dir={workdir / 'cache'}", f"hydra.run.dir={workdir / RATIOS[0]}"],
                      workdir)
     warm_s = 0.0
