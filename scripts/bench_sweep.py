@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 
 RATIOS = ["0.1", "0.3", "0.5", "0.7", "0.9"]
-MASKRUN = [sys.executable, "-m", "maskrun.cli", "experiment=smoke"]
+MASKRUN = [sys.executable, "-m", "maskrun.cli"]
 
 
 def maskrun(args: list[str], cwd: Path) -> float:
     """Runs the command; returns its wall time in seconds."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    result = subprocess.run(MASKRUN + args, cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run([*MASKRUN, *args, "experiment=smoke"], cwd=cwd, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"bench_sweep: maskrun {' '.join(args)} failed:\n{result.stderr[-3000:]}")
