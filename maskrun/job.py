@@ -20,7 +20,7 @@ from maskrun.progress import console
 from maskrun.report.run import print_summary, write_run_report
 
 
-def config_hash(cfg: DictConfig) -> str:
+def hash_config(cfg: DictConfig) -> str:
     """Hash of everything that decides a job's results (where the cache lives does not)."""
     settings = OmegaConf.to_container(cfg, resolve=True)
     settings.pop("cache_dir")
@@ -35,12 +35,12 @@ def finished_before(run_dir: Path, expected_hash: str) -> bool:
     return previous.get("status") == "ok" and previous.get("config_hash") == expected_hash
 
 
-def new_metrics(cfg: DictConfig, hash_: str) -> dict:
+def new_metrics(cfg: DictConfig, config_hash: str) -> dict:
     hydra_cfg = HydraConfig.get()
     return {
         "status": "running",
         "error": None,
-        "config_hash": hash_,
+        "config_hash": config_hash,
         "overrides": list(hydra_cfg.overrides.task),
         "choices": {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")},
         "seed": cfg.seed,
@@ -59,13 +59,14 @@ def new_metrics(cfg: DictConfig, hash_: str) -> dict:
 def run_job(cfg: DictConfig) -> str:
     """Returns the job's status; exits 1 on failure of a single run (a sweep goes on to its next job)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    hash_ = config_hash(cfg)
-    if finished_before(run_dir, hash_):
-        console.print(f"maskrun: reused finished run {run_dir} (config {hash_})")
+    config_hash = hash_config(cfg)
+    if finished_before(run_dir, config_hash):
+        console.print(f"maskrun: reused finished run {run_dir} (config {config_hash})")
         return "ok"
     from maskrun import pipeline  # torch and transformers: not needed to reuse a finished job
 
-    metrics = new_metrics(cfg, hash_)
+    (run_dir / "metrics.json").unlink(missing_ok=True)  # another config's result: a crash must not leave it here
+    metrics = new_metrics(cfg, config_hash)
     with gpu_lease(str(cfg.device)) as gpu:  # before any CUDA call
         metrics["lease"].update(gpu=gpu, start=time.time())
         start = time.perf_counter()
