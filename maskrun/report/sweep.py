@@ -144,7 +144,7 @@ def print_sweep_table(sweep_dir: Path, summary: pd.DataFrame) -> None:
     for task, table in aggregate(summary).groupby("task.name"):
         view = Table(title=f"maskrun sweep · {task} · {sweep_dir}")
         for column in ["strategy", "ratio", "setting", "seeds"] + [METRICS[m] for m in metrics]:
-            view.add_column(column)
+            view.add_column(column, overflow="fold")  # wrap, never hide, in a narrow terminal
         for _, row in table.iterrows():
             view.add_row(row["mask.strategy"], f"{row['mask.ratio']:g}", row["setting"] or "–", str(row["seeds"]),
                          *[mean_std(row, m, digits=3) for m in metrics])
