@@ -1,9 +1,81 @@
-"""Device choice."""
+"""Device choice, and GPU leases: one GPU per job on one host.
 
-import torch
+Parallel jobs on one host must not share a GPU. Each job takes an exclusive lock on one
+per-GPU lock file before any CUDA call and holds it until the job ends; then it sets
+`CUDA_VISIBLE_DEVICES` to that GPU, so CUDA (started later, by the job) sees only it.
+Launchers reuse pool workers, so a counter such as `job.num % n_gpus` would hand one GPU to
+two running jobs; a lock cannot. Once a worker has pinned its GPU, its later jobs see only
+that GPU and lease it again: CUDA reads `CUDA_VISIBLE_DEVICES` once per process.
+
+The GPUs are found without starting CUDA (the launching process never touches it):
+`CUDA_VISIBLE_DEVICES` when set, else `nvidia-smi -L`. `MASKRUN_FAKE_GPUS=N` declares N
+devices, so the lease logic can be tested on a CPU.
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+FAKE_GPUS_ENV = "MASKRUN_FAKE_GPUS"
+LOCK_DIR = Path(tempfile.gettempdir()) / f"maskrun-gpu-leases-{os.getuid()}"  # per host and user
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str):
+    """The torch.device that `device=name` means."""
+    import torch  # here, not at the top: leases and resumed jobs need no torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def visible_gpus() -> list[str]:
+    """Ids of the GPUs this process may use, found without initialising CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [gpu.strip() for gpu in visible.split(",") if gpu.strip()]
+    if os.environ.get(FAKE_GPUS_ENV):
+        return [str(i) for i in range(int(os.environ[FAKE_GPUS_ENV]))]
+    if visible == "" or shutil.which("nvidia-smi") is None:
+        return []
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    gpu_lines = [line for line in listing.splitlines() if line.startswith("GPU ")]
+    return [str(i) for i in range(len(gpu_lines))]
+
+
+@contextmanager
+def gpu_lease(device: str, poll_s: float = 0.5) -> Iterator[str | None]:
+    """Holds one free GPU for the body and yields its id; yields None when no GPU is to be leased.
+
+    Only `device=auto` and `device=cuda` lease: `cuda:N` and `cpu` are the user's explicit choice.
+    """
+    gpus = visible_gpus() if device in ("auto", "cuda") else []
+    if not gpus:
+        yield None
+        return
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    gpu, lock = wait_for_free_gpu(gpus, poll_s)
+    try:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        yield gpu
+    finally:
+        lock.release()
+
+
+def wait_for_free_gpu(gpus: list[str], poll_s: float) -> tuple[str, FileLock]:
+    while True:
+        for gpu in gpus:
+            lock = FileLock(LOCK_DIR / f"gpu-{gpu}.lock")
+            try:
+                lock.acquire(timeout=0)
+                return gpu, lock
+            except Timeout:
+                continue
+        time.sleep(poll_s)

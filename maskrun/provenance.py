@@ -1,10 +1,8 @@
 """What produced a result: library versions and the maskrun source commit, recorded in metrics.json."""
 
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
-
-import torch
-import transformers
 
 import maskrun
 
@@ -25,5 +23,5 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict:
-    return {"maskrun": maskrun.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"maskrun": maskrun.__version__, "torch": version("torch"), "transformers": version("transformers"),
             "git_commit": git_commit()}

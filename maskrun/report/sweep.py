@@ -1,0 +1,154 @@
+"""The sweep report: summary.csv, report.md and plots/*.png in the sweep dir, and a rich table.
+
+It reads only the job dirs' metrics.json files, so it can be rebuilt at any time, also for a
+crashed or partial sweep: a job dir that Hydra started but that holds no metrics.json is a row
+with status `incomplete`.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from rich.table import Table
+
+from maskrun.progress import console
+from maskrun.report import plots
+
+METRICS = {  # column of summary.csv: its name in the report
+    "task.test.accuracy": "test accuracy",
+    "task.test.macro_f1": "test macro-F1",
+    "interference.forgetting": "forgetting",
+    "interference.cka": "CKA",
+    "interference.drift_l2": "drift L2",
+}
+ACCURACY, FORGETTING = plots.ACCURACY, plots.FORGETTING
+SETTING = ["task.name", "mask.strategy", "mask.ratio", "setting"]  # one group of seeds
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (path / "multirun.yaml").is_file()  # Hydra writes it when the sweep starts
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Every job dir of the sweep (Hydra writes .hydra/ into each), in job order."""
+    dirs = {p.parent for p in sweep_dir.rglob("metrics.json")} | {p.parent for p in sweep_dir.rglob(".hydra")}
+    dirs.discard(sweep_dir)
+    return sorted(dirs, key=lambda d: [int(part) if part.isdigit() else part for part in d.relative_to(sweep_dir).parts])
+
+
+def load_job(job_dir: Path) -> dict:
+    if (job_dir / "metrics.json").exists():
+        return json.loads((job_dir / "metrics.json").read_text())
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+    return {"status": "incomplete", "error": "no metrics.json: the job did not finish", "overrides": overrides}
+
+
+def summary_table(sweep_dir: Path) -> pd.DataFrame:
+    """One row per job: job dir, overrides, choices, status, error and every metric, flattened."""
+    dirs = job_dirs(sweep_dir)
+    jobs = [load_job(d) for d in dirs]
+    frame = pd.json_normalize(jobs) if jobs else pd.DataFrame(columns=["status", "error", "overrides"])
+    frame.insert(0, "job", [str(d.relative_to(sweep_dir)) for d in dirs])
+    frame["setting"] = varying_overrides([job.get("overrides") or [] for job in jobs])
+    for column in frame.columns:  # lists (overrides, labels, ...) as one JSON cell each
+        if frame[column].map(lambda v: isinstance(v, list)).any():
+            frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
+    return frame
+
+
+def varying_overrides(overrides: list[list[str]]) -> list[str]:
+    """Per job, the overrides that differ between jobs other than mask, ratio and seed (e.g. `finetune.lr=...`)."""
+    parsed = [dict(o.split("=", 1) for o in job if "=" in o) for job in overrides]
+    keys = sorted({k for job in parsed for k in job} - {"mask", "mask.ratio", "seed"})
+    varying = [k for k in keys if len({job.get(k) for job in parsed}) > 1]
+    return [" ".join(f"{k}={job[k]}" for k in varying if k in job) for job in parsed]
+
+
+def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std and count over seeds of each metric, per task × strategy × ratio (× other swept settings)."""
+    ok = summary[summary["status"] == "ok"]
+    if ok.empty:
+        return pd.DataFrame(columns=SETTING)
+    columns = [c for c in METRICS if c in ok.columns]
+    numbers = ok[SETTING].join(ok[columns].apply(pd.to_numeric, errors="coerce"))  # null metrics become NaN
+    groups = numbers.groupby(SETTING, dropna=False)[columns]
+    table = groups.agg(["mean", "std"])
+    table.columns = [f"{metric} {stat}" for metric, stat in table.columns]
+    table["seeds"] = groups.size()
+    return table.reset_index().sort_values(SETTING)
+
+
+def pareto_front(table: pd.DataFrame) -> pd.Series:
+    """True for the settings no other setting beats on both accuracy (higher) and forgetting (lower)."""
+    acc, forget = table[f"{ACCURACY} mean"], table[f"{FORGETTING} mean"]
+    dominated = [((acc >= a) & (forget <= f) & ((acc > a) | (forget < f))).any() for a, f in zip(acc, forget)]
+    return ~pd.Series(dominated, index=table.index) & forget.notna()
+
+
+def mean_std(row: pd.Series, metric: str, digits: int = 4) -> str:
+    mean, std = row.get(f"{metric} mean"), row.get(f"{metric} std")
+    if mean is None or pd.isna(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def setting_name(row: pd.Series) -> str:
+    name = f"{row['mask.strategy']} r={row['mask.ratio']:g}"
+    return f"{name} {row['setting']}" if row["setting"] else name
+
+
+def task_section(task: str, table: pd.DataFrame, front: pd.Series) -> list[str]:
+    metrics = [m for m in METRICS if f"{m} mean" in table.columns]
+    lines = [f"## Task {task}", "", "Mean ± std over seeds (completed jobs only).", "",
+             "| strategy | ratio | setting | seeds | " + " | ".join(METRICS[m] for m in metrics) + " |",
+             "|---|---|---|---|" + "---|" * len(metrics)]
+    for _, row in table.iterrows():
+        cells = [row["mask.strategy"], f"{row['mask.ratio']:g}", row["setting"] or "–", str(row["seeds"])]
+        lines.append("| " + " | ".join(cells + [mean_std(row, m) for m in metrics]) + " |")
+    best = table.loc[table[f"{ACCURACY} mean"].idxmax()]
+    lines += ["", f"**Best setting** (highest mean test accuracy): {setting_name(best)}: "
+                  f"accuracy {mean_std(best, ACCURACY)}, forgetting {mean_std(best, FORGETTING)}."]
+    if front.any():
+        lines += ["", "**Pareto front** (no other setting has both higher accuracy and lower forgetting): "
+                  + "; ".join(setting_name(row) for _, row in table[front].iterrows()) + "."]
+    return lines
+
+
+def write_sweep_report(sweep_dir: Path) -> pd.DataFrame:
+    """Writes summary.csv, report.md and plots/ into the sweep dir; returns the summary."""
+    summary = summary_table(sweep_dir)
+    summary.to_csv(sweep_dir / "summary.csv", index=False)
+    table = aggregate(summary)
+    counts = summary["status"].value_counts().to_dict()
+    lines = [f"# maskrun sweep · {sweep_dir}", "",
+             f"{len(summary)} jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".",
+             "Every job, with all its metrics: `summary.csv`.", ""]
+    for task, task_table in table.groupby("task.name"):
+        front = pareto_front(task_table)
+        lines += task_section(task, task_table, front)
+        lines += [""] + [f"![{plot}]({plot})" for plot in plots.sweep_plots(sweep_dir, task, task_table, front)] + [""]
+    failed = summary[summary["status"] != "ok"]
+    if not failed.empty:
+        lines += ["## Failed jobs", "", "| job | status | overrides | error |", "|---|---|---|---|"]
+        lines += [f"| {row['job']} | {row['status']} | `{' '.join(json.loads(row['overrides']))}` | {row['error']} |"
+                  for _, row in failed.iterrows()]
+    (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def print_sweep_table(sweep_dir: Path, summary: pd.DataFrame) -> None:
+    """Per task, the report's table (without macro-F1, to fit a terminal), then the jobs that are not ok."""
+    metrics = [m for m in METRICS if m != "task.test.macro_f1"]
+    for task, table in aggregate(summary).groupby("task.name"):
+        view = Table(title=f"maskrun sweep · {task} · {sweep_dir}")
+        for column in ["strategy", "ratio", "setting", "seeds"] + [METRICS[m] for m in metrics]:
+            view.add_column(column, overflow="fold")  # wrap, never hide, in a narrow terminal
+        for _, row in table.iterrows():
+            view.add_row(row["mask.strategy"], f"{row['mask.ratio']:g}", row["setting"] or "–", str(row["seeds"]),
+                         *[mean_std(row, m, digits=3) for m in metrics])
+        console.print(view)
+    for _, row in summary[summary["status"] != "ok"].iterrows():
+        console.print(f"[red]job {row['job']} {row['status']}[/red]: {row['error']}")
+    console.print(f"report: {sweep_dir / 'report.md'}")
