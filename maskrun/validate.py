@@ -284,16 +284,6 @@ def check_writable(path: Path, key: str) -> None:
                           f"point {key} at a writable directory") from None
 
 
-def check_report_dir(path: Path) -> None:
-    """For maskrun-report: the dir must be a run dir or a sweep dir."""
-    if not path.is_dir():
-        raise ConfigError(f"{path} is not a directory", "pass a run or sweep dir, e.g. outputs/multirun/<date>/<time>")
-    runs = [p for p in [path, *path.iterdir()] if (p / "metrics.json").is_file() or (p / ".hydra").is_dir()]
-    if not runs and not (path / "multirun.yaml").is_file():
-        raise ConfigError(f"{path} is neither a run dir (metrics.json, .hydra/) nor a sweep dir (multirun.yaml)",
-                          "pass the dir maskrun printed, e.g. outputs/<date>/<time> or outputs/multirun/<date>/<time>")
-
-
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

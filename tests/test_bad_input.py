@@ -17,7 +17,7 @@ from maskrun import cli
 from maskrun.cache import Cache
 from maskrun.data.checks import check_dataset_file
 from maskrun.errors import ConfigError
-from maskrun.validate import check_report_dir
+from maskrun.report import cli as report_cli
 
 ERROR_LINE = re.compile(r"^maskrun: error: .+ \(.+\)$")
 MAX_HELP_LINES = 3
@@ -190,16 +190,13 @@ def test_good_dataset_files_pass(tmp_path, name, content):
     check_dataset_file(write(tmp_path / name, content), None, "text", "label", "utf-8")
 
 
-def test_maskrun_report_refuses_a_dir_that_is_no_run_or_sweep(tmp_path):
+def test_maskrun_report_refuses_a_dir_that_is_no_run_or_sweep(tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     for path in (tmp_path / "notes", tmp_path / "missing"):
-        with pytest.raises(ConfigError, match="pass"):
-            check_report_dir(path)
-    (tmp_path / "run" / ".hydra").mkdir(parents=True)
-    (tmp_path / "sweep").mkdir()
-    (tmp_path / "sweep" / "multirun.yaml").write_text("{}")
-    check_report_dir(tmp_path / "run")
-    check_report_dir(tmp_path / "sweep")
+        with pytest.raises(SystemExit) as exit_info:
+            report_cli.main([str(path)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(f"maskrun-report: error: {path} is neither a run dir nor a sweep dir (")
 
 
 @pytest.mark.parametrize("argv", [

@@ -69,7 +69,9 @@ def test_no_two_running_jobs_hold_the_same_gpu(parallel_sweep):
 
 def test_sweep_writes_its_report_and_shows_the_table(parallel_sweep):
     sweep_dir = parallel_sweep["dir"]
-    assert "## Task rotten_tomatoes" in (sweep_dir / "report.md").read_text()
+    report = (sweep_dir / "report.md").read_text()
+    assert "## Task rotten_tomatoes" in report
+    assert "## Mask overlap" in report and "| 0.3 | importance | random |" in report
     assert len(list((sweep_dir / "plots").glob("*.png"))) == 3
     assert "maskrun sweep · rotten_tomatoes" in parallel_sweep["first"].stderr
 

@@ -12,6 +12,7 @@ import pandas as pd
 import yaml
 from rich.table import Table
 
+from maskrun.masks.analytics import mask_overlap
 from maskrun.progress import console
 from maskrun.report import plots
 
@@ -129,6 +130,7 @@ def write_sweep_report(sweep_dir: Path) -> pd.DataFrame:
         front = pareto_front(task_table)
         lines += task_section(task, task_table, front)
         lines += [""] + [f"![{plot}]({plot})" for plot in plots.sweep_plots(sweep_dir, task, task_table, front)] + [""]
+    lines += overlap_section(job_dirs(sweep_dir))
     failed = summary[summary["status"] != "ok"]
     if not failed.empty:
         lines += ["## Failed jobs", "", "| job | status | overrides | error |", "|---|---|---|---|"]
@@ -136,6 +138,20 @@ def write_sweep_report(sweep_dir: Path) -> pd.DataFrame:
                   for _, row in failed.iterrows()]
     (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
     return summary
+
+
+def overlap_section(dirs: list[Path]) -> list[str]:
+    """How much the masks of different strategies agree at the same ratio (Jaccard of the frozen sets)."""
+    rows = mask_overlap(dirs)
+    if not rows:
+        return []
+    lines = ["## Mask overlap", "", "Jaccard overlap of the frozen entries of two strategies at the same ratio and seed "
+             "(random masks at ratio r overlap by about r / (2 − r)).", "",
+             "| ratio | strategy a | strategy b | Jaccard | pairs |", "|---|---|---|---|---|"]
+    for row in rows:
+        jaccard = "–" if row["jaccard"] is None else f"{row['jaccard']:.3f}"
+        lines.append(f"| {row['ratio']:g} | {row['a']} | {row['b']} | {jaccard} | {row['pairs']} |")
+    return lines + [""]
 
 
 def print_sweep_table(sweep_dir: Path, summary: pd.DataFrame) -> None:
