@@ -71,7 +71,7 @@ def test_sweep_writes_its_report_and_shows_the_table(parallel_sweep):
     sweep_dir = parallel_sweep["dir"]
     report = (sweep_dir / "report.md").read_text()
     assert "## Task rotten_tomatoes" in report
-    assert "## Mask overlap" in report and "| 0.3 | importance | random |" in report
+    assert "## Mask overlap" in report and "| 0.3 | importance/magnitude | random |" in report
     assert len(list((sweep_dir / "plots").glob("*.png"))) == 3
     assert "maskrun sweep · rotten_tomatoes" in parallel_sweep["first"].stderr
 
