@@ -11,9 +11,9 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from maskrun.data.corpus import CORPORA
+from maskrun.data.corpus import check_corpus
 from maskrun.data.packaged import packaged_file
-from maskrun.data.tasks import TASKS
+from maskrun.data.tasks import check_task
 from maskrun.errors import ConfigError
 from maskrun.masks import STRATEGIES
 
@@ -23,6 +23,9 @@ ALLOCATIONS = ("global",)
 GRANULARITIES = ("element",)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+OBJECTIVES = ("mlm", "causal_lm")
+SCRATCH_FAMILIES = ("bert", "gpt2")
+CONTROLS = ("scratch",)
 
 
 def compose_jobs(config_module: str, config_name: str, overrides: list[str], multirun: bool) -> list[DictConfig]:
@@ -74,12 +77,17 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be a positive number", f"e.g. {key}=1e-4")
     one_of(cfg.optimizer.name, OPTIMIZERS, "optimizer.name")
     one_of(cfg.finetune.scheduler, SCHEDULERS, "finetune.scheduler")
+    check_model(cfg.model)
     positions = cfg.model.max_position_embeddings
     for key in ("pretrain.max_length", "finetune.max_length"):
-        if OmegaConf.select(cfg, key) > positions:
+        if positions is not None and OmegaConf.select(cfg, key) > positions:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} exceeds the model's {positions} positions",
                               f"set {key}<={positions} or model.max_position_embeddings higher")
     check_dataset(cfg.dataset)
+    for control in cfg.eval.controls:
+        one_of(control, CONTROLS, "eval.controls")
+    if cfg.sequential.dataset:
+        check_dataset(cfg.sequential.dataset)
     check_device(str(cfg.device))
     check_cache_dir(Path(cfg.cache_dir))
 
@@ -102,11 +110,21 @@ def check_mask(mask: DictConfig) -> None:
                 raise ConfigError(f"mask.{key} pattern {pattern!r} is not a valid regex: {err}", "fix the pattern") from None
 
 
+def check_model(model: DictConfig) -> None:
+    one_of(model.objective, OBJECTIVES, "model.objective")
+    if model.get("packaged"):
+        packaged_file(model.packaged)
+    elif model.get("name_or_path") is None:
+        if model.name == "hf":
+            raise ConfigError("model=hf needs model.name_or_path", "give a hub id or a local folder, e.g. model.name_or_path=bert-base-uncased")
+        one_of(model.family, SCRATCH_FAMILIES, "model.family")
+
+
 def check_dataset(dataset: DictConfig) -> None:
-    one_of(dataset.task, sorted(TASKS), "dataset.task")
-    one_of(dataset.corpus, sorted(CORPORA), "dataset.corpus")
-    packaged_file(dataset.task)
-    packaged_file(dataset.corpus)
+    check_task(dataset)
+    check_corpus(dataset)
+    if dataset.get("train_size") is not None:
+        positive_int(dataset.train_size, "dataset.train_size")
     for key in ("validation_fraction", "test_fraction"):
         if not is_number(dataset[key]) or not 0 < dataset[key] < 1:
             raise ConfigError(f"dataset.{key}={dataset[key]!r} must be a number in (0, 1)", f"e.g. dataset.{key}=0.1")
