@@ -64,9 +64,9 @@ def run(cfg, run_dir: Path, metrics: dict) -> None:
             "validation": history["validation"][-1] if history["validation"] else None,
             "test": classify(model, tokenizer, task.test, cfg.finetune.max_length, device, cfg.eval.batch_size),
         }
-        heldout = corpus.heldout[: cfg.eval.heldout_texts]
-        metrics["interference"] = interference(pretrained_dir, model, tokenizer, heldout, pretraining_objective(
-            cfg.model, cfg.pretrain), cfg.pretrain.max_length, device, cfg.eval.batch_size)
+        heldout, objective = corpus.heldout[: cfg.eval.heldout_texts], pretraining_objective(cfg.model, cfg.pretrain)
+        metrics["interference"] = interference(
+            pretrained_dir, model, tokenizer, heldout, objective, cfg.pretrain.max_length, device, cfg.eval.batch_size)
 
     if cfg.eval.controls:
         with stage_timer(timing, "controls"):
