@@ -35,6 +35,10 @@ def compose_jobs(config_module: str, config_name: str, overrides: list[str], mul
         jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
         if not multirun and any(o.is_sweep_override() for o in parsed):
             raise ConfigError(f"{' '.join(overrides)} describes several runs", "add -m to run them as a sweep")
+        keys = [o.get_key_element() for o in parsed]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:  # Hydra would silently keep only the last one
+            raise ConfigError(f"{repeated[0]} is given more than once", f"give it once; combine presets as {repeated[0]}=[a,b]")
         with initialize_config_module(config_module, version_base="1.3"):
             return [compose(config_name, job, return_hydra_config=True) for job in jobs]
     except MissingConfigException as err:
