@@ -59,20 +59,19 @@ def test_a_pretrained_model_used_as_is_keeps_the_task_models_names_and_no_head(t
 
 @pytest.fixture(scope="module")
 def model_sweep(tmp_path_factory):
-    """tiny_gpt and the packaged MiniLM as is, on BBC News then SMS spam, kept tiny."""
+    """tiny_gpt and the packaged MiniLM used as is, on BBC News, kept tiny (MiniLM has 22.7M parameters)."""
     cwd = tmp_path_factory.mktemp("models")
-    maskrun(["-m", "experiment=[smoke,sequential]", "model=tiny_gpt,minilm", "dataset=bbc_news", "mask=random",
-             "mask.ratio=0.5", "pretrain.steps=0", "dataset.max_examples=60", "finetune.epochs=1",
-             "finetune.max_length=16", "pretrain.max_length=16", "eval.heldout_texts=16"], cwd)
+    maskrun(["-m", "experiment=smoke", "model=tiny_gpt,minilm", "dataset=bbc_news", "mask=random", "mask.ratio=0.5",
+             "pretrain.steps=0", "dataset.max_examples=40", "finetune.epochs=1", "finetune.batch_size=32",
+             "finetune.max_length=16", "pretrain.max_length=16", "eval.heldout_texts=8"], cwd)
     return {load_metrics(d)["choices"]["model"]: (load_metrics(d), d) for d in run_dirs(cwd / "outputs")}
 
 
-def test_each_model_runs_each_task_and_reports_interference(model_sweep):
+def test_each_model_runs_and_reports_interference(model_sweep):
     assert set(model_sweep) == {"tiny_gpt", "minilm"}
-    for name, (metrics, run_dir) in model_sweep.items():
+    for metrics, run_dir in model_sweep.values():
         assert metrics["status"] == "ok", metrics["error"]
         assert metrics["task"]["name"] == "bbc_news" and len(metrics["task"]["labels"]) == 5
-        assert metrics["sequential"]["task_b"] == "sms_spam" and metrics["sequential"]["retention"] is not None
         interference = metrics["interference"]
         assert 0.0 < interference["cka"] <= 1.0 + 1e-9 and interference["drift_l2"] > 0.0
         with safe_open(run_dir / "mask.safetensors", framework="pt") as f:
