@@ -64,24 +64,27 @@ def model_sweep(tmp_path_factory):
     maskrun(["-m", "experiment=smoke", "model=tiny_gpt,minilm", "dataset=bbc_news", "mask=random", "mask.ratio=0.5",
              "pretrain.steps=0", "dataset.max_examples=40", "finetune.epochs=1", "finetune.batch_size=32",
              "finetune.max_length=16", "pretrain.max_length=16", "eval.heldout_texts=8"], cwd)
-    return {load_metrics(d)["choices"]["model"]: (load_metrics(d), d) for d in run_dirs(cwd / "outputs")}
+    runs = {load_metrics(d)["choices"]["model"]: (load_metrics(d), d) for d in run_dirs(cwd / "outputs")}
+    return runs, cwd
 
 
 def test_each_model_runs_and_reports_interference(model_sweep):
-    assert set(model_sweep) == {"tiny_gpt", "minilm"}
-    for metrics, run_dir in model_sweep.values():
+    runs, cwd = model_sweep
+    assert set(runs) == {"tiny_gpt", "minilm"}
+    for metrics, run_dir in runs.values():
         assert metrics["status"] == "ok", metrics["error"]
         assert metrics["task"]["name"] == "bbc_news" and len(metrics["task"]["labels"]) == 5
         interference = metrics["interference"]
         assert 0.0 < interference["cka"] <= 1.0 + 1e-9 and interference["drift_l2"] > 0.0
         with safe_open(run_dir / "mask.safetensors", framework="pt") as f:
-            assert set(f.keys()) == pretrained_names(metrics["artifacts"]["pretrained"])
+            assert set(f.keys()) == pretrained_names(cwd / metrics["artifacts"]["pretrained"])
 
 
 def test_minilm_has_no_mlm_head_so_forgetting_is_null_while_the_decoder_has_a_causal_lm_loss(model_sweep):
-    minilm, _ = model_sweep["minilm"]
+    runs, _ = model_sweep
+    minilm, _ = runs["minilm"]
     assert minilm["interference"]["forgetting"] is None
     assert len(minilm["interference"]["cka_per_layer"]) == 7  # embeddings and 6 layers
     assert minilm["mask"]["eligible"] > 20_000_000
-    gpt, _ = model_sweep["tiny_gpt"]
+    gpt, _ = runs["tiny_gpt"]
     assert gpt["interference"]["pretrain_loss_before"] > 0.0 and gpt["interference"]["forgetting"] is not None
