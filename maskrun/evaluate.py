@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorForLanguageModeling
 
-from maskrun.models import load_pretraining_model
-from maskrun.pretrain import masked_lm_loss, pack_texts
+from maskrun.models import load_backbone, load_pretraining_model
+from maskrun.pretrain import objective_batch, objective_loss, pack_texts
 
 EVAL_SEED = 1234  # the same masked positions before and after fine-tuning
 
@@ -34,20 +34,24 @@ def classify(model, tokenizer, split, max_length: int, device: torch.device, bat
     return {"accuracy": accuracy, "macro_f1": macro_f1(pred, split.labels, model.config.num_labels)}
 
 
-def heldout_blocks(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out pretraining text with a fixed set of masked positions."""
+def heldout_blocks(tokenizer, texts: list[str], max_length: int, objective: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out pretraining text and its labels; for MLM a fixed set of masked positions."""
     blocks = pack_texts(tokenizer, texts, max_length)
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=EVAL_SEED)
-    return collator.torch_mask_tokens(blocks.clone())
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=objective == "mlm", mlm_probability=0.15, seed=EVAL_SEED)
+    return objective_batch(collator, blocks, objective or "causal_lm")
 
 
 @torch.no_grad()
-def mlm_loss(model, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int) -> float:
+def pretraining_loss(model, inputs: torch.Tensor, labels: torch.Tensor, objective: str, device: torch.device,
+                     batch_size: int) -> float:
+    """Mean loss per predicted token of the pretraining objective."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(inputs), batch_size):
-        n = int(labels[i:i + batch_size].ne(-100).sum())
-        total += masked_lm_loss(model, inputs[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)).item() * n
+        batch_inputs, batch_labels = inputs[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        # A causal LM predicts every labelled token but the first of each block.
+        n = int(batch_labels.ne(-100).sum()) - (len(batch_labels) if objective == "causal_lm" else 0)
+        total += objective_loss(model, batch_inputs, batch_labels, objective).item() * n
         count += n
     return total / count
 
@@ -67,47 +71,52 @@ def hidden_states(backbone, inputs: torch.Tensor, device: torch.device, batch_si
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two (examples, features) matrices: 1 when they differ by a rotation and scale."""
     x, y = x - x.mean(0), y - y.mean(0)
     cross = (y.T @ x).norm() ** 2
     return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
 
 
 def layer_of(name: str) -> str:
-    match = re.search(r"layers?\.(\d+)\.", name)
+    """The layer a parameter belongs to: layer.N (BERT's layer.N, GPT-2's h.N), embeddings, or other."""
+    match = re.search(r"(?:^|\.)(?:layers?|h)\.(\d+)\.", name)
     if match:
         return f"layer.{match.group(1)}"
-    return "embeddings" if "embed" in name else "other"
+    return "embeddings" if re.search(r"embed|(?:^|\.)(?:wte|wpe)\.", name) else "other"
 
 
 def drift_l2(pretrained: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor]) -> dict:
     """‖W_ft − W_pre‖ per layer and in total, over the pretrained parameters."""
     squares: dict[str, float] = {}
     for name, before in pretrained.items():
-        squares[layer_of(name)] = squares.get(layer_of(name), 0.0) + float((finetuned[name].float() - before.float()).pow(2).sum())
+        change = float((finetuned[name].detach().double() - before.double()).pow(2).sum())
+        squares[layer_of(name)] = squares.get(layer_of(name), 0.0) + change
     return {"total": sum(squares.values()) ** 0.5, "per_layer": {k: v ** 0.5 for k, v in squares.items()}}
 
 
-def interference(pretrained_dir: Path, finetuned_model, tokenizer, heldout_texts: list[str], max_length: int,
-                 device: torch.device, batch_size: int) -> dict:
-    """Forgetting (held-out MLM loss after − before), CKA of hidden states, and weight drift."""
-    inputs, labels = heldout_blocks(tokenizer, heldout_texts, max_length)
-    model = load_pretraining_model(pretrained_dir).to(device)
-    before_states = {k: v.clone() for k, v in model.base_model.state_dict().items()}
-    loss_before = mlm_loss(model, inputs, labels, device, batch_size)
-    hidden_before = hidden_states(model.base_model, inputs, device, batch_size)
-    # The fine-tuned backbone under the pretrained MLM head.
-    result = model.base_model.load_state_dict(finetuned_model.base_model.state_dict(), strict=False)
+def interference(pretrained_dir: Path, finetuned_model, tokenizer, heldout_texts: list[str], objective: str | None,
+                 max_length: int, device: torch.device, batch_size: int) -> dict:
+    """Forgetting (held-out pretraining loss after − before), CKA of hidden states, and weight drift.
+
+    `objective` is None for a checkpoint without a pretraining head: then forgetting is null.
+    """
+    inputs, labels = heldout_blocks(tokenizer, heldout_texts, max_length, objective)
+    model = (load_pretraining_model(pretrained_dir, objective) if objective else load_backbone(pretrained_dir)).to(device)
+    backbone = model.base_model
+    before = {name: p.detach().clone() for name, p in backbone.named_parameters()}
+    loss_before = pretraining_loss(model, inputs, labels, objective, device, batch_size) if objective else None
+    hidden_before = hidden_states(backbone, inputs, device, batch_size)
+    # The fine-tuned backbone under the pretrained head.
+    result = backbone.load_state_dict(finetuned_model.base_model.state_dict(), strict=False)
     assert not result.missing_keys, f"fine-tuned backbone lacks {result.missing_keys}"
-    loss_after = mlm_loss(model, inputs, labels, device, batch_size)
-    hidden_after = hidden_states(model.base_model, inputs, device, batch_size)
+    loss_after = pretraining_loss(model, inputs, labels, objective, device, batch_size) if objective else None
+    hidden_after = hidden_states(backbone, inputs, device, batch_size)
     cka_per_layer = [linear_cka(a, b) for a, b in zip(hidden_before, hidden_after)]
-    prefix = finetuned_model.base_model_prefix + "."
-    drift = drift_l2({prefix + k: v for k, v in before_states.items()},
-                     {prefix + k: v for k, v in model.base_model.state_dict().items()})
+    drift = drift_l2(before, dict(backbone.named_parameters()))
     return {
         "pretrain_loss_before": loss_before,
         "pretrain_loss_after": loss_after,
-        "forgetting": loss_after - loss_before,
+        "forgetting": None if objective is None else loss_after - loss_before,
         "cka": sum(cka_per_layer) / len(cka_per_layer),
         "cka_per_layer": cka_per_layer,
         "drift_l2": drift["total"],

@@ -1,20 +1,62 @@
-"""Build a backbone for pretraining, load it with a task head, and say which parameters are pretrained."""
+"""Build or load a backbone for pretraining, load it under a task head, and say which parameters are pretrained.
+
+Families: BERT-style encoders pretrained by masked language modelling and GPT-2-style decoders
+pretrained as causal language models, either built from scratch (`model.family`) or loaded
+pretrained (`model.packaged` or `model.name_or_path`). Every checkpoint maskrun saves keeps the
+backbone under the task model's names, so a mask's names match both.
+"""
 
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    GPT2Config,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
+
+from maskrun.data.packaged import packaged_file
 
 # Loading a pretraining checkpoint under a new task head is the point, not a warning;
 # maskrun draws its own progress bars.
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
+OBJECTIVES = {"mlm": AutoModelForMaskedLM, "causal_lm": AutoModelForCausalLM}
 
-def build_pretraining_model(mcfg, tokenizer: PreTrainedTokenizerBase) -> BertForMaskedLM:
-    config = BertConfig(
+
+def pretrained_source(mcfg) -> str | None:
+    """Where a pretrained model is loaded from (a packaged model, a hub id or a local dir); None: built from scratch."""
+    if mcfg.get("packaged"):
+        return str(packaged_file(mcfg.packaged))
+    return mcfg.get("name_or_path")
+
+
+def scratch_config(mcfg, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    if mcfg.family == "gpt2":
+        return GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=mcfg.hidden_size,
+            n_layer=mcfg.num_layers,
+            n_head=mcfg.num_heads,
+            n_inner=mcfg.intermediate_size,
+            n_positions=mcfg.max_position_embeddings,
+            resid_pdrop=mcfg.dropout,
+            embd_pdrop=mcfg.dropout,
+            attn_pdrop=mcfg.dropout,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=mcfg.hidden_size,
         num_hidden_layers=mcfg.num_layers,
@@ -25,11 +67,30 @@ def build_pretraining_model(mcfg, tokenizer: PreTrainedTokenizerBase) -> BertFor
         attention_probs_dropout_prob=mcfg.dropout,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return BertForMaskedLM(config)
 
 
-def load_pretraining_model(pretrained_dir: Path) -> BertForMaskedLM:
-    return BertForMaskedLM.from_pretrained(pretrained_dir)
+def build_pretraining_model(mcfg, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """The backbone under its pretraining head: new from `scratch_config`, or loaded (a missing head starts new)."""
+    auto = OBJECTIVES[mcfg.objective]
+    source = pretrained_source(mcfg)
+    model = auto.from_pretrained(source) if source else auto.from_config(scratch_config(mcfg, tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id  # decoders classify at the last non-padding token
+    return model
+
+
+def save_backbone(source: str, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """A pretrained model used as is: only its backbone, saved under the task model's parameter names."""
+    model = AutoModelForSequenceClassification.from_pretrained(source, pad_token_id=tokenizer.pad_token_id)
+    prefix = model.base_model_prefix + "."
+    model.save_pretrained(out_dir, state_dict={k: v for k, v in model.state_dict().items() if k.startswith(prefix)})
+
+
+def load_pretraining_model(pretrained_dir: Path, objective: str) -> torch.nn.Module:
+    return OBJECTIVES[objective].from_pretrained(pretrained_dir)
+
+
+def load_backbone(pretrained_dir: Path) -> torch.nn.Module:
+    return AutoModel.from_pretrained(pretrained_dir)
 
 
 def load_task_model(pretrained_dir: Path, num_labels: int) -> torch.nn.Module:
@@ -37,11 +98,14 @@ def load_task_model(pretrained_dir: Path, num_labels: int) -> torch.nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(pretrained_dir, num_labels=num_labels)
 
 
+def init_task_model(pretrained_dir: Path, num_labels: int, seed: int) -> torch.nn.Module:
+    """The same task model with every weight newly initialised: no pretraining at all."""
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(pretrained_dir, num_labels=num_labels))
+
+
 def pretrained_names(pretrained_dir: Path) -> set[str]:
     """Names of the tensors the pretrained checkpoint holds (the task model uses the same names)."""
     with safe_open(Path(pretrained_dir) / "model.safetensors", framework="pt") as f:
         return set(f.keys())
 
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

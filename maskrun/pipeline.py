@@ -11,15 +11,18 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from maskrun.cache import Cache
+from maskrun.controls import run_controls
 from maskrun.data import load_corpus, load_task
-from maskrun.data.tokenizer import train_tokenizer
+from maskrun.data.corpus import corpus_spec
+from maskrun.data.tokenizer import prepare_tokenizer, tokenizer_spec
 from maskrun.devices import resolve_device
 from maskrun.evaluate import classify, interference
 from maskrun.finetune import finetune
 from maskrun.masks import build_mask, eligible_parameters, mask_summary, needs_scores
 from maskrun.masks.scores import cached_scores
-from maskrun.models import load_task_model, pretrained_names
-from maskrun.pretrain import pretrain
+from maskrun.models import load_task_model, pretrained_names, pretrained_source
+from maskrun.pretrain import pretrain, pretraining_objective
+from maskrun.sequential import fine_tune_next
 
 
 def run(cfg, run_dir: Path, metrics: dict) -> None:
@@ -27,18 +30,18 @@ def run(cfg, run_dir: Path, metrics: dict) -> None:
     cache, device = Cache(cfg.cache_dir), resolve_device(cfg.device)
     timing, hits = metrics.setdefault("timing", {}), metrics.setdefault("cache", {})
     metrics["device"] = str(device)
-    corpus = load_corpus(cfg.dataset.corpus, cfg.dataset.corpus_max_texts, cfg.dataset.split_seed)
+    corpus = load_corpus(cfg.dataset)
     task = load_task(cfg.dataset, cfg.dataset.split_seed)
 
     with stage_timer(timing, "tokenizer"):
-        tokenizer_inputs = {"corpus": corpus_spec(cfg), "vocab_size": cfg.model.vocab_size}
         tokenizer_dir, hits["tokenizer"] = cache.fetch(
-            "tokenizer", tokenizer_inputs, lambda out: train_tokenizer(corpus.train, cfg.model.vocab_size, out))
+            "tokenizer", tokenizer_spec(cfg.model, cfg.dataset),
+            lambda out: prepare_tokenizer(pretrained_source(cfg.model), corpus.train, cfg.model.get("vocab_size"), out))
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     with stage_timer(timing, "pretrain"):
         pretrain_inputs = {"tokenizer": tokenizer_dir.name, "model": plain(cfg.model), "pretrain": plain(cfg.pretrain),
-                           "corpus": corpus_spec(cfg), "seed": cfg.seed}
+                           "corpus": corpus_spec(cfg.dataset), "seed": cfg.seed}
         pretrained_dir, hits["pretrain"] = cache.fetch(
             "pretrain", pretrain_inputs,
             lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed))
@@ -67,9 +70,19 @@ def run(cfg, run_dir: Path, metrics: dict) -> None:
             "validation": history["selected"],
             "test": classify(model, tokenizer, task.test, cfg.finetune.max_length, device, cfg.eval.batch_size),
         }
-        heldout = corpus.heldout[: cfg.eval.heldout_texts]
+        heldout, objective = corpus.heldout[: cfg.eval.heldout_texts], pretraining_objective(cfg.model, cfg.pretrain)
         metrics["interference"] = interference(
-            pretrained_dir, model, tokenizer, heldout, cfg.pretrain.max_length, device, cfg.eval.batch_size)
+            pretrained_dir, model, tokenizer, heldout, objective, cfg.pretrain.max_length, device, cfg.eval.batch_size)
+
+    if cfg.eval.controls:
+        with stage_timer(timing, "controls"):
+            metrics["controls"], control_hits = run_controls(
+                cache, cfg, pretrained_dir, tokenizer_dir, tokenizer, task, metrics["task"]["test"], device)
+            hits.update(control_hits)
+
+    if cfg.sequential.dataset:
+        with stage_timer(timing, "sequential"):
+            metrics["sequential"] = fine_tune_next(model, task, frozen, pretrained_dir, tokenizer, cfg, device, run_dir)
 
     if cfg.save_model:
         model.save_pretrained(run_dir / "finetuned")
@@ -79,10 +92,6 @@ def run(cfg, run_dir: Path, metrics: dict) -> None:
 
 def plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
-
-
-def corpus_spec(cfg) -> dict:
-    return {"corpus": cfg.dataset.corpus, "max_texts": cfg.dataset.corpus_max_texts, "split_seed": cfg.dataset.split_seed}
 
 
 @contextmanager

@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from maskrun.data.checks import check_dataset_file
-from maskrun.data.corpus import CORPORA, load_corpus
+from maskrun.data.corpus import check_corpus, load_corpus
 from maskrun.data.packaged import packaged_file
-from maskrun.data.tasks import TASKS, load_task
+from maskrun.data.tasks import check_task, load_task
 from maskrun.errors import ConfigError
 from maskrun.masks import STRATEGIES
 from maskrun.masks.importance import FREEZE
@@ -29,6 +29,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SECTIONS = ("model", "dataset", "mask", "optimizer", "pretrain", "finetune", "eval")
 ABSENT = object()
 WORD = re.compile(r"\w+|[^\w\s]")  # what the tokenizer's BERT pre-tokenizer splits text into
+OBJECTIVES = ("mlm", "causal_lm")
+SCRATCH_FAMILIES = ("bert", "gpt2")
+CONTROLS = ("scratch",)
 
 
 def compose_jobs(config_module: str, config_name: str, overrides: list[str], multirun: bool) -> list[DictConfig]:
@@ -39,6 +42,10 @@ def compose_jobs(config_module: str, config_name: str, overrides: list[str], mul
         if not multirun and any(o.is_sweep_override() for o in parsed):
             raise ConfigError(f"{' '.join(overrides)} describes several runs", "add -m to run them as a sweep")
         groups = {p.name for p in files(config_module).iterdir() if p.is_dir() and not p.name.startswith("_")}
+        keys = [o.get_key_element() for o in parsed]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:  # Hydra would silently keep only the last one
+            raise ConfigError(f"{repeated[0]} is given more than once", f"give it once; combine presets as {repeated[0]}=[a,b]")
         with initialize_config_module(config_module, version_base="1.3"):
             configs = [compose(config_name, job, return_hydra_config=True) for job in jobs]
             for job in jobs:
@@ -96,8 +103,12 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
         check_training(cfg)
         check_dataset(cfg.dataset)
         check_task_splits(OmegaConf.to_yaml(cfg.dataset))
-        if "vocab_size" in cfg.model:  # a vocabulary trained on the corpus (a packaged model brings its own)
+        if cfg.model.get("vocab_size"):  # a vocabulary trained on the corpus (a pretrained model brings its own)
             check_corpus_vocabulary(cfg.dataset, cfg.model.vocab_size)
+        for control in cfg.eval.controls:
+            one_of(control, CONTROLS, "eval.controls")
+        if cfg.sequential.dataset:
+            check_dataset(cfg.sequential.dataset)
         check_device(str(cfg.device))
     except (TypeError, ValueError, KeyError, AttributeError, OmegaConfBaseException) as err:
         # A value of the wrong shape (a list for a number, a section set to a string) trips a check.
@@ -127,6 +138,13 @@ def check_model(model: DictConfig) -> None:
                           "make the hidden size divisible by the number of attention heads")
     if "dropout" in model:
         in_range(model.dropout, "model.dropout", "0.1", 0.0, 1.0, upper_open=True)
+    one_of(model.objective, OBJECTIVES, "model.objective")
+    if model.get("packaged"):
+        packaged_file(model.packaged)
+    elif model.get("name_or_path") is None:
+        if model.name == "hf":
+            raise ConfigError("model=hf needs model.name_or_path", "give a hub id or a local folder, e.g. model.name_or_path=bert-base-uncased")
+        one_of(model.family, SCRATCH_FAMILIES, "model.family")
 
 
 def check_training(cfg: DictConfig) -> None:
@@ -211,13 +229,13 @@ def check_finetune_recipe(fcfg: DictConfig, ocfg: DictConfig) -> None:
 
 def check_dataset(dataset: DictConfig) -> None:
     if dataset.get("path"):
-        check_dataset_file(dataset.path, dataset.get("format"), dataset.get("text_column", "text"),
+        file_format = dataset.task if dataset.task in ("csv", "json", "parquet") else dataset.get("format")
+        check_dataset_file(dataset.path, file_format, dataset.get("text_column", "text"),
                            dataset.get("label_column", "label"), dataset.get("encoding", "utf-8"))
-    else:
-        one_of(dataset.task, sorted(TASKS), "dataset.task")
-        packaged_file(dataset.task)
-    one_of(dataset.corpus, sorted(CORPORA), "dataset.corpus")
-    packaged_file(dataset.corpus)
+    check_task(dataset)
+    check_corpus(dataset)
+    if dataset.get("train_size") is not None:
+        positive_int(dataset.train_size, "dataset.train_size")
     non_negative_int(dataset.split_seed, "dataset.split_seed")
     for key in ("corpus_max_texts", "max_examples"):
         if dataset[key] is not None:
@@ -242,17 +260,17 @@ def check_task_splits(dataset_yaml: str) -> None:
 
 
 def check_corpus_vocabulary(dataset: DictConfig, vocab_size: int) -> None:
-    words = distinct_words(dataset.corpus, dataset.corpus_max_texts, dataset.split_seed, vocab_size)
+    words = distinct_words(OmegaConf.to_yaml(dataset), vocab_size)
     if words < vocab_size:
         raise ConfigError(f"the pretraining corpus has {words} distinct words, too few for model.vocab_size={vocab_size}",
                           "raise dataset.corpus_max_texts (null: all) or lower model.vocab_size")
 
 
 @functools.lru_cache(maxsize=None)  # the jobs of a sweep share their corpus
-def distinct_words(corpus: str, max_texts: int | None, split_seed: int, enough: int) -> int:
+def distinct_words(dataset_yaml: str, enough: int) -> int:
     """Distinct words in the corpus's training texts, counting stops at `enough`."""
     words = set()
-    for text in load_corpus(corpus, max_texts, split_seed).train:
+    for text in load_corpus(OmegaConf.create(dataset_yaml)).train:
         words.update(WORD.findall(text.lower()))
         if len(words) >= enough:
             break

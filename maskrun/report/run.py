@@ -7,6 +7,7 @@ from rich.table import Table
 
 from maskrun.masks.analytics import mask_report
 from maskrun.progress import console
+from maskrun.report.interference import plot_interference_per_layer
 
 
 def fmt(value, digits: int = 4) -> str:
@@ -67,6 +68,31 @@ def plot_curves(run_dir: Path, history: dict, pretrain_history: list) -> list[st
     return ["plots/loss_curves.png"]
 
 
+def controls_lines(controls: dict | None) -> list[str]:
+    if not controls:
+        return []
+    gain = controls["pretraining_gain"]
+    verdict = "pretraining helped" if gain > 0 else "pretraining did not help: the model fine-tuned from random init did as well or better"
+    return ["", "## Controls", "",
+            f"Same task model fine-tuned from random initialisation: test accuracy {fmt(controls['scratch']['test']['accuracy'])}, "
+            f"macro-F1 {fmt(controls['scratch']['test']['macro_f1'])}. Pretraining gain (accuracy − scratch's) "
+            f"{gain:+.4f}: {verdict}."]
+
+
+def sequential_lines(sequential: dict | None) -> list[str]:
+    if not sequential:
+        return []
+    after_a, after_b = sequential["task_a_after_a"], sequential["task_a_after_b"]
+    return ["", "## Sequential fine-tuning", "",
+            f"{sequential['task_a']} (task A), then {sequential['task_b']} (task B, "
+            f"{'a fresh mask' if sequential['remask'] else 'the same mask'}; its test accuracy "
+            f"{fmt(sequential['task_b_test']['accuracy'])}).", "",
+            "| task A test | accuracy | macro-F1 |", "|---|---|---|",
+            f"| after A | {fmt(after_a['accuracy'])} | {fmt(after_a['macro_f1'])} |",
+            f"| after B | {fmt(after_b['accuracy'])} | {fmt(after_b['macro_f1'])} |", "",
+            f"Retention (after B − after A): {sequential['retention']:+.4f}."]
+
+
 def write_run_report(run_dir: Path, metrics: dict) -> None:
     lines = [f"# maskrun run · {run_dir.name}", ""]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in key_numbers(metrics)]
@@ -85,10 +111,13 @@ def write_run_report(run_dir: Path, metrics: dict) -> None:
     interference = metrics.get("interference")
     if interference:
         lines += ["", "## Interference", "",
-                  f"Held-out MLM loss {fmt(interference['pretrain_loss_before'])} before fine-tuning, "
+                  f"Held-out pretraining-objective loss {fmt(interference['pretrain_loss_before'])} before fine-tuning, "
                   f"{fmt(interference['pretrain_loss_after'])} after: forgetting {fmt(interference['forgetting'])}. "
                   f"Mean linear CKA of hidden states before vs after {fmt(interference['cka'])} (1 = unchanged); "
                   f"weight drift ‖W_ft − W_pre‖ = {fmt(interference['drift_l2'])}."]
+        plot = plot_interference_per_layer(run_dir, interference)
+        lines += ["", f"![{plot}]({plot})"]
+    lines += controls_lines(metrics.get("controls")) + sequential_lines(metrics.get("sequential"))
     mask = metrics.get("mask")
     if mask:
         lines += ["", "## Mask", "", f"{mask['frozen']:,} of {mask['eligible']:,} eligible entries frozen "

@@ -1,0 +1,112 @@
+"""Tasks and corpora: packaged data, a user's own files, label mapping, deduplication and subsampling."""
+
+from collections import Counter
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from maskrun.data.corpus import check_corpus, corpus_spec, load_corpus
+from maskrun.data.tasks import check_task, deduplicate, label_ids, load_task
+from maskrun.errors import ConfigError
+
+BASE = {"name": "mine", "corpus": "movie_dialogs", "corpus_path": None, "corpus_max_texts": None, "max_examples": None,
+        "train_size": None, "validation_fraction": 0.2, "test_fraction": 0.2, "split_seed": 0,
+        "text_column": "review", "label_column": "verdict", "encoding": "utf-8"}
+
+
+def dataset(**overrides):
+    return OmegaConf.create({**BASE, **overrides})
+
+
+def reviews(n: int = 50) -> pd.DataFrame:
+    verdicts = ["good", "bad", "meh"]
+    return pd.DataFrame({"review": [f"review number {i}" for i in range(n)], "verdict": [verdicts[i % 3] for i in range(n)]})
+
+
+def test_deduplicate_keeps_the_first_of_each_text_and_drops_empty_ones():
+    texts, labels, dropped = deduplicate(["a", "b", "a", "", "c", "b"], [0, 1, 1, 0, 1, 0])
+    assert (texts, labels, dropped) == (["a", "b", "c"], [0, 1, 1], 3)
+
+
+def test_labels_map_to_ids_in_sorted_order():
+    assert label_ids(["spam", "ham", "spam"]) == ([1, 0, 1], ["ham", "spam"])
+    assert label_ids([3, 1, 3]) == ([1, 0, 1], ["1", "3"])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl", "parquet"])
+def test_a_users_own_file_becomes_a_task_with_its_label_names(tmp_path, fmt):
+    path = tmp_path / f"reviews.{fmt}"
+    table = reviews()
+    {"csv": lambda: table.to_csv(path, index=False), "json": lambda: table.to_json(path, orient="records"),
+     "jsonl": lambda: table.to_json(path, orient="records", lines=True), "parquet": lambda: table.to_parquet(path)}[fmt]()
+    dcfg = dataset(task="json" if fmt == "jsonl" else fmt, path=str(path))
+    check_task(dcfg)
+    task = load_task(dcfg, seed=0)
+    assert task.label_names == ["bad", "good", "meh"]
+    assert sum(task.split_sizes[s] for s in ("train", "validation", "test")) == 50
+    by_text = dict(zip(table.review, table.verdict))
+    for split in (task.train, task.validation, task.test):
+        assert all(task.label_names[y] == by_text[t] for t, y in zip(split.texts, split.labels))
+
+
+def test_a_users_file_is_checked_before_work(tmp_path):
+    path = tmp_path / "reviews.csv"
+    reviews().to_csv(path, index=False)
+    with pytest.raises(ConfigError, match="is not a file"):
+        check_task(dataset(task="csv", path=str(tmp_path / "missing.csv")))
+    with pytest.raises(ConfigError, match="'stars' is not a column .*choose one of: review, verdict"):
+        check_task(dataset(task="csv", path=str(path), label_column="stars"))
+    reviews().assign(verdict="good").to_csv(path, index=False)
+    with pytest.raises(ConfigError, match="1 class"):
+        check_task(dataset(task="csv", path=str(path)))
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(ConfigError, match="cannot read"):
+        check_task(dataset(task="parquet", path=str(tmp_path / "bad.parquet")))
+    with pytest.raises(ConfigError, match="dataset.task='tsv'"):
+        check_task(dataset(task="tsv"))
+
+
+def test_sms_spam_is_deduplicated_before_splitting():
+    task = load_task(dataset(task="sms_spam", name="sms_spam"), seed=0)
+    assert task.label_names == ["ham", "spam"]
+    assert task.split_sizes["duplicates_dropped"] > 0
+    train, test = set(task.train.texts), set(task.test.texts)
+    assert not train & test and len(train) == len(task.train)
+
+
+def test_bbc_news_has_five_topics_in_folder_order():
+    task = load_task(dataset(task="bbc_news", name="bbc_news"), seed=0)
+    assert task.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    sizes = task.split_sizes
+    assert sizes["train"] + sizes["validation"] + sizes["test"] + sizes["duplicates_dropped"] == 2225  # DESIGN §7
+
+
+def test_train_size_is_a_stratified_seeded_subsample_of_the_training_split():
+    full = load_task(dataset(task="rotten_tomatoes"), seed=0)
+    small = load_task(dataset(task="rotten_tomatoes", train_size=200), seed=0)
+    assert abs(len(small.train) - 200) <= 1 and set(small.train.texts) <= set(full.train.texts)
+    assert small.test.texts == full.test.texts
+    share = lambda labels: Counter(labels)[1] / len(labels)
+    assert share(small.train.labels) == pytest.approx(share(full.train.labels), abs=0.01)
+    assert load_task(dataset(task="rotten_tomatoes", train_size=200), seed=0).train.texts == small.train.texts
+
+
+def test_a_users_corpus_is_read_by_line_and_keyed_by_its_content(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(f"line {i}" for i in range(40)) + "\n\n")
+    dcfg = dataset(corpus_path=str(path))
+    check_corpus(dcfg)
+    corpus = load_corpus(dcfg)
+    assert sorted(corpus.train + corpus.heldout) == sorted(f"line {i}" for i in range(40)) and len(corpus.heldout) == 2
+    key = corpus_spec(dcfg)
+    path.write_text("something else\nentirely\n")
+    assert corpus_spec(dcfg) != key
+    with pytest.raises(ConfigError, match="corpus_path"):
+        check_corpus(dataset(corpus_path=str(tmp_path / "missing.txt")))
+
+
+@pytest.mark.parametrize("name", ["movie_dialogs", "bible", "shakespeare"])
+def test_packaged_corpora_hold_real_text(name):
+    corpus = load_corpus(dataset(corpus=name, corpus_max_texts=2000))
+    assert len(corpus.train) + len(corpus.heldout) == 2000 and all(t.strip() for t in corpus.train)

@@ -1,0 +1,113 @@
+"""Interference measures on hand-built cases, and a small sweep with the scratch control and sequential fine-tuning."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer
+
+from conftest import load_metrics, maskrun, run_dirs
+from maskrun.data.tokenizer import train_tokenizer
+from maskrun.evaluate import drift_l2, interference, layer_of, linear_cka
+from maskrun.models import build_pretraining_model, load_task_model
+
+TEXTS = [f"the {w} sat on the {v} and looked at the {u}" for w in ("cat", "dog", "bird", "man") for v in ("mat", "hat", "log")
+         for u in ("moon", "sun", "sea")]
+
+
+def test_cka_is_one_for_identical_and_rotated_scaled_features_and_lower_for_unrelated():
+    x = torch.randn(200, 16, dtype=torch.float64)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3.0 * x @ rotation) == pytest.approx(1.0)
+    assert linear_cka(x, torch.randn(200, 16, dtype=torch.float64)) < 0.5
+
+
+def test_drift_is_zero_for_identical_weights_and_the_perturbation_norm_per_layer():
+    before = {"bert.encoder.layer.0.attention.self.query.weight": torch.zeros(4, 4),
+              "bert.encoder.layer.1.output.dense.bias": torch.zeros(4),
+              "bert.embeddings.word_embeddings.weight": torch.zeros(10, 4)}
+    assert drift_l2(before, before) == {"total": 0.0, "per_layer": {"layer.0": 0.0, "layer.1": 0.0, "embeddings": 0.0}}
+    after = dict(before)
+    after["bert.encoder.layer.0.attention.self.query.weight"] = torch.full((4, 4), 0.5)  # norm sqrt(16 * 0.25) = 2
+    after["bert.embeddings.word_embeddings.weight"] = torch.zeros(10, 4).index_fill(0, torch.tensor([3]), 1.5)  # norm 3
+    drift = drift_l2(before, after)
+    assert drift["per_layer"] == pytest.approx({"layer.0": 2.0, "layer.1": 0.0, "embeddings": 3.0})
+    assert drift["total"] == pytest.approx((2.0 ** 2 + 3.0 ** 2) ** 0.5)
+
+
+def test_layers_are_named_alike_for_bert_and_gpt2():
+    assert layer_of("bert.encoder.layer.3.output.dense.weight") == "layer.3"
+    assert layer_of("transformer.h.3.mlp.c_fc.weight") == "layer.3"
+    assert layer_of("transformer.wte.weight") == layer_of("bert.embeddings.word_embeddings.weight") == "embeddings"
+    assert layer_of("transformer.ln_f.weight") == layer_of("bert.pooler.dense.weight") == "other"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(TEXTS, 200, out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+@pytest.mark.parametrize("family, objective", [("bert", "mlm"), ("gpt2", "causal_lm")])
+def test_an_unchanged_model_shows_no_interference_and_a_perturbed_one_shows_its_drift(tmp_path, tokenizer, family, objective):
+    mcfg = OmegaConf.create({"family": family, "objective": objective, "name_or_path": None, "hidden_size": 16,
+                             "num_layers": 2, "num_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32,
+                             "dropout": 0.0})
+    build_pretraining_model(mcfg, tokenizer).save_pretrained(tmp_path)
+    task_model = load_task_model(tmp_path, num_labels=2)
+    measure = lambda: interference(tmp_path, task_model, tokenizer, TEXTS, objective, 16, torch.device("cpu"), 8)
+
+    unchanged = measure()
+    assert unchanged["forgetting"] == pytest.approx(0.0, abs=1e-6)
+    assert unchanged["cka"] == pytest.approx(1.0) and all(c == pytest.approx(1.0) for c in unchanged["cka_per_layer"])
+    assert len(unchanged["cka_per_layer"]) == 3  # embeddings and 2 layers
+    assert unchanged["drift_l2"] == 0.0 and set(unchanged["drift_l2_per_layer"]) >= {"embeddings", "layer.0", "layer.1"}
+
+    layer = task_model.base_model.get_submodule("encoder.layer.1" if family == "bert" else "h.1")
+    weight = next(layer.parameters())
+    noise = torch.randn_like(weight) * 2.0
+    with torch.no_grad():
+        weight.add_(noise)
+    expected = float(noise.norm())
+    perturbed = measure()
+    assert perturbed["drift_l2_per_layer"]["layer.1"] == pytest.approx(expected, rel=1e-5)
+    assert perturbed["drift_l2"] == pytest.approx(expected, rel=1e-5)
+    assert perturbed["drift_l2_per_layer"]["layer.0"] == 0.0
+    assert perturbed["cka_per_layer"][:2] == pytest.approx([1.0, 1.0]) and perturbed["cka_per_layer"][2] < 1.0
+    assert perturbed["forgetting"] != 0.0
+
+
+@pytest.fixture(scope="module")
+def controlled_sweep(tmp_path_factory):
+    """Two mask ratios with the scratch control and a second task: the control is computed once."""
+    cwd = tmp_path_factory.mktemp("controls")
+    maskrun(["-m", "experiment=[smoke,sequential]", "eval.controls=[scratch]", "mask.ratio=0.0,0.5",
+             "dataset.max_examples=120", "pretrain.steps=10", "finetune.epochs=1"], cwd)
+    return [load_metrics(d) for d in run_dirs(cwd / "outputs")], run_dirs(cwd / "outputs")
+
+
+def test_the_scratch_control_is_computed_once_per_setting_and_gives_the_pretraining_gain(controlled_sweep):
+    metrics, _ = controlled_sweep
+    assert [m["status"] for m in metrics] == ["ok", "ok"]
+    assert sorted(m["cache"]["scratch"] for m in metrics) == ["hit", "miss"]
+    first, second = metrics
+    assert first["controls"]["scratch"] == second["controls"]["scratch"]
+    for m in metrics:
+        gain = m["task"]["test"]["accuracy"] - m["controls"]["scratch"]["test"]["accuracy"]
+        assert m["controls"]["pretraining_gain"] == pytest.approx(gain)
+
+
+def test_sequential_fine_tuning_reports_task_a_before_and_after_task_b(controlled_sweep):
+    metrics, dirs = controlled_sweep
+    for m, run_dir in zip(metrics, dirs):
+        sequential = m["sequential"]
+        assert (sequential["task_a"], sequential["task_b"]) == ("rotten_tomatoes", "sms_spam")
+        assert sequential["task_a_after_a"] == m["task"]["test"]
+        assert sequential["retention"] == pytest.approx(
+            sequential["task_a_after_b"]["accuracy"] - sequential["task_a_after_a"]["accuracy"])
+        assert 0.0 <= sequential["task_b_test"]["accuracy"] <= 1.0
+        assert m["interference"]["cka"] is not None and m["interference"]["drift_l2"] is not None
+        report = (run_dir / "report.md").read_text()
+        assert "Retention (after B − after A)" in report and "Pretraining gain" in report
+        assert (run_dir / "plots" / "interference_per_layer.png").stat().st_size > 0
