@@ -23,8 +23,8 @@ from maskrun.report.run import print_summary, write_run_report
 
 def hash_config(cfg: DictConfig) -> str:
     """Hash of everything that decides a job's results (where the cache lives does not)."""
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    settings.pop("cache_dir")
+    settings = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "cache_dir")]),
+                                      resolve=True)
     return cache_key("run", settings)
 
 

@@ -80,14 +80,14 @@ def run(cfg, run_dir: Path, metrics: dict) -> None:
                 cache, cfg, pretrained_dir, tokenizer_dir, tokenizer, task, metrics["task"]["test"], device)
             hits.update(control_hits)
 
-    if cfg.sequential.dataset:
-        with stage_timer(timing, "sequential"):
-            metrics["sequential"] = fine_tune_next(model, task, frozen, pretrained_dir, tokenizer, cfg, device, run_dir)
-
-    if cfg.save_model:
+    if cfg.save_model:  # the model of this run's mask, before any sequential task moves it
         model.save_pretrained(run_dir / "finetuned")
         tokenizer.save_pretrained(run_dir / "finetuned")
         metrics["artifacts"]["finetuned"] = "finetuned"
+
+    if cfg.sequential.dataset:
+        with stage_timer(timing, "sequential"):
+            metrics["sequential"] = fine_tune_next(model, task, frozen, pretrained_dir, tokenizer, cfg, device, run_dir)
 
 
 def plain(node) -> dict:

@@ -131,7 +131,7 @@ def check_top_level(cfg: DictConfig) -> None:
 def check_model(model: DictConfig) -> None:
     """The shape of a model built from scratch; a pretrained model's own config sets none of these."""
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
-        if key in model:
+        if model.get(key) is not None:  # null: the pretrained model's own config decides
             positive_int(model[key], f"model.{key}")
     if "hidden_size" in model and "num_heads" in model and model.hidden_size % model.num_heads:
         raise ConfigError(f"model.hidden_size={model.hidden_size} is not a multiple of model.num_heads={model.num_heads}",
@@ -252,9 +252,9 @@ def check_task_splits(dataset_yaml: str) -> None:
     """Split the task as the run will: every split needs examples, and training needs two classes."""
     dataset = OmegaConf.create(dataset_yaml)
     task = load_task(dataset, dataset.split_seed)
-    empty = [name for name, size in task.split_sizes.items() if size == 0]
-    if empty or len(set(task.train.labels)) < 2:
-        sizes = ", ".join(f"{name} {size}" for name, size in task.split_sizes.items())
+    splits = {name: task.split_sizes[name] for name in ("train", "validation", "test")}
+    if 0 in splits.values() or len(set(task.train.labels)) < 2:
+        sizes = ", ".join(f"{name} {size}" for name, size in splits.items())
         raise ConfigError(f"dataset {dataset.name} splits into {sizes} examples ({len(task.label_names)} classes): too few",
                           "raise dataset.max_examples (null: all) or the split fractions")
 

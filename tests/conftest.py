@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 MASKRUN = [sys.executable, "-m", "maskrun.cli"]
 REPORT = [sys.executable, "-m", "maskrun.report.cli"]
@@ -30,6 +32,19 @@ def run_dirs(root: Path) -> list[Path]:
 
 def load_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def assert_frozen_entries_exact(run_dir: Path):
+    """Every frozen entry of the saved fine-tuned model equals the pretrained checkpoint's, bit for bit."""
+    metrics = load_metrics(run_dir)
+    masks = load_file(run_dir / "mask.safetensors")
+    pretrained = load_file(f"{metrics['artifacts']['pretrained']}/model.safetensors")
+    finetuned = load_file(run_dir / "finetuned" / "model.safetensors")
+    assert masks, "mask.safetensors holds no tensors"
+    for name, frozen in masks.items():
+        assert frozen.dtype == torch.bool and frozen.shape == finetuned[name].shape
+        assert torch.equal(finetuned[name][frozen], pretrained[name][frozen]), f"{name} moved where frozen"
+    return masks, pretrained, finetuned
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from maskrun.cache import entry_problem
 # One intra-op thread: a shared CPU runs it several times faster, and every run here uses the same count.
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 COMMAND = ["experiment=smoke", "optimizer.weight_decay=0.1", "device=cpu"]
-VARYING = ("timing", "memory", "cache", "artifacts", "overrides")  # measurements and paths, not results
+VARYING = ("timing", "memory", "cache", "artifacts", "overrides", "lease")  # measurements and paths, not results
 
 
 def start_run(root: Path, name: str) -> subprocess.Popen:
@@ -98,8 +98,8 @@ def test_a_job_killed_in_pretraining_leaves_no_entry(killed_then_rerun):
 def test_same_command_and_seed_give_identical_results(killed_then_rerun, reference_run):
     """Tokenizer and checkpoint built in another process (the second, killed job), then hit: same bytes, same numbers."""
     rerun = killed_then_rerun["rerun"]
-    assert load_metrics(reference_run)["cache"] == {"tokenizer": "miss", "pretrain": "miss"}
-    assert load_metrics(rerun)["cache"] == {"tokenizer": "hit", "pretrain": "hit"}
+    assert load_metrics(reference_run)["cache"] == {"tokenizer": "miss", "pretrain": "miss", "scores": "miss"}
+    assert load_metrics(rerun)["cache"] == {"tokenizer": "hit", "pretrain": "hit", "scores": "hit"}
     assert load_metrics(rerun)["status"] == "ok"
     assert results(rerun) == results(reference_run)
     assert weights(rerun) == weights(reference_run)

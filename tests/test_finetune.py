@@ -48,7 +48,7 @@ def tiny_model(tokenizer) -> BertForSequenceClassification:
 
 def half_frozen(model) -> dict[str, torch.Tensor]:
     backbone = {n: p.detach() for n, p in model.named_parameters() if n.startswith("bert.") and "pooler" not in n}
-    return random_mask(SimpleNamespace(ratio=0.5), backbone, seed=0)
+    return random_mask(SimpleNamespace(ratio=0.5, allocation="global", granularity="element"), backbone, None, seed=0)
 
 
 def train(model, tokenizer, task, frozen, **overrides) -> dict:

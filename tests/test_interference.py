@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from conftest import load_metrics, maskrun, run_dirs
+from conftest import assert_frozen_entries_exact, load_metrics, maskrun, run_dirs
 from maskrun.data.tokenizer import train_tokenizer
 from maskrun.evaluate import drift_l2, interference, layer_of, linear_cka
 from maskrun.models import build_pretraining_model, load_task_model
@@ -107,6 +107,7 @@ def test_sequential_fine_tuning_reports_task_a_before_and_after_task_b(controlle
         assert sequential["retention"] == pytest.approx(
             sequential["task_a_after_b"]["accuracy"] - sequential["task_a_after_a"]["accuracy"])
         assert 0.0 <= sequential["task_b_test"]["accuracy"] <= 1.0
+        assert_frozen_entries_exact(run_dir)  # finetuned/ is this run's model, saved before task B
         assert m["interference"]["cka"] is not None and m["interference"]["drift_l2"] is not None
         report = (run_dir / "report.md").read_text()
         assert "Retention (after B − after A)" in report and "Pretraining gain" in report

@@ -4,24 +4,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import load_metrics, maskrun, run_dirs
+from conftest import assert_frozen_entries_exact, load_metrics, maskrun, run_dirs
 
 METRICS_KEYS = {"status", "error", "overrides", "choices", "seed", "device", "task", "interference", "mask",
                 "cache", "artifacts", "timing", "memory"}
-
-
-def assert_frozen_entries_exact(run_dir):
-    metrics = load_metrics(run_dir)
-    masks = load_file(run_dir / "mask.safetensors")
-    pretrained = load_file(f"{metrics['artifacts']['pretrained']}/model.safetensors")
-    finetuned = load_file(run_dir / "finetuned" / "model.safetensors")
-    assert masks, "mask.safetensors holds no tensors"
-    for name, frozen in masks.items():
-        assert frozen.dtype == torch.bool and frozen.shape == finetuned[name].shape
-        assert torch.equal(finetuned[name][frozen], pretrained[name][frozen]), f"{name} moved where frozen"
-    return masks, pretrained, finetuned
 
 
 def test_smoke_run_writes_every_artifact(smoke_run):

@@ -79,7 +79,8 @@ def mean_gradients(model, params: dict[str, torch.Tensor], batches: list[list[in
     total = {name: torch.zeros_like(p) for name, p in params.items()}
     for rows in batches:
         model.zero_grad(set_to_none=True)
-        inputs = collate(tokenizer, encode(tokenizer, [split.texts[i] for i in rows], max_length), device)
+        batch = collate(tokenizer, encode(tokenizer, [split.texts[i] for i in rows], max_length))
+        inputs = {k: v.to(device) for k, v in batch.items()}
         model(**inputs, labels=torch.tensor([split.labels[i] for i in rows], device=device)).loss.backward()
         for name, p in params.items():
             if p.grad is not None:
