@@ -175,7 +175,7 @@ def shira_count_mask(model) -> dict[str, torch.Tensor]:
 
 def methods(with_shira: bool) -> dict:
     base = tiny_bert()
-    element = {r: random_mask(SimpleNamespace(ratio=r), backbone(base), seed=0) for r in (0.5, 0.9)}
+    element = {r: random_mask(SimpleNamespace(ratio=r, allocation="global", granularity="element"), backbone(base), None, seed=0) for r in (0.5, 0.9)}
     found = {
         "full": Full(copy.deepcopy(base)),
         "element_r0.5": Masked(copy.deepcopy(base), element[0.5]),
