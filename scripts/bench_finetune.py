@@ -101,30 +101,24 @@ class Masked:
         return sum(p.numel() for p in self.optimizer.trainable_tensors()) + sum(p.index.numel() for p in self.optimizer.partial)
 
 
-class Naive:
-    """(d) Gradient hooks zero the frozen gradients; weight decay and momentum still move frozen
-    entries, so a copy of the pretrained values is written back over them after each step."""
+class Naive(Full):
+    """(d) The plain loop plus gradient hooks that zero the frozen gradients; weight decay and momentum
+    still move frozen entries, so a copy of the pretrained values is written back over them after each step."""
 
     def __init__(self, model, frozen: dict[str, torch.Tensor]):
-        self.model, self.frozen = model, frozen
+        super().__init__(model)
+        self.frozen = frozen
         params = dict(model.named_parameters())
         self.pretrained = {n: params[n].detach().clone() for n in frozen}
         for name, mask in frozen.items():
             params[name].register_hook(lambda grad, keep=~mask: grad * keep)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=ADAMW.weight_decay)
 
     def step(self, batch) -> None:
-        loss_of(self.model, batch).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        super().step(batch)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, mask in self.frozen.items():
                 params[name].copy_(torch.where(mask, self.pretrained[name], params[name]))
-
-    def state_bytes(self) -> int:
-        return state_bytes(self.optimizer)
 
     def trainable(self) -> int:
         return sum(int((~m).sum()) for m in self.frozen.values()) + sum(
