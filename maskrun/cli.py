@@ -55,7 +55,8 @@ def check_command_line(argv: list[str]) -> None:
         return
     from maskrun.validate import check_config, compose_jobs
 
-    for cfg in compose_jobs(CONFIG_MODULE, args.config_name or "config", args.overrides, args.multirun):
+    for cfg in compose_jobs(CONFIG_MODULE, args.config_name or "config", args.overrides, args.multirun,
+                            args.config_dir):
         if not (args.cfg or args.info):
             check_config(cfg, args.multirun)
 

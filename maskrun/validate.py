@@ -1,15 +1,21 @@
 """Checks of a composed config that run before any work: every message says what and how to fix it."""
 
+import contextlib
 import functools
 import math
+import os
 import re
 import tempfile
 from importlib.resources import files
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
+from hydra import compose, version
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_automatic_config_search_path
+from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -34,19 +40,23 @@ SCRATCH_FAMILIES = ("bert", "gpt2")
 CONTROLS = ("scratch",)
 
 
-def compose_jobs(config_module: str, config_name: str, overrides: list[str], multirun: bool) -> list[DictConfig]:
+def compose_jobs(config_module: str, config_name: str, overrides: list[str], multirun: bool,
+                 config_dir: str | None = None) -> list[DictConfig]:
     """The composed config of every job the command line describes (one, or each job of a sweep)."""
+    if config_dir and not os.path.isdir(config_dir):
+        raise ConfigError(f"--config-dir {config_dir} is not a directory", "give a directory of config groups, e.g. --config-dir myconf")
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-        jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
         if not multirun and any(o.is_sweep_override() for o in parsed):
             raise ConfigError(f"{' '.join(overrides)} describes several runs", "add -m to run them as a sweep")
         groups = {p.name for p in files(config_module).iterdir() if p.is_dir() and not p.name.startswith("_")}
+        groups |= {p.name for p in Path(config_dir).iterdir() if p.is_dir()} if config_dir else set()
         keys = [o.get_key_element() for o in parsed]
         repeated = sorted({k for k in keys if keys.count(k) > 1})
         if repeated:  # Hydra would silently keep only the last one
             raise ConfigError(f"{repeated[0]} is given more than once", f"give it once; combine presets as {repeated[0]}=[a,b]")
-        with initialize_config_module(config_module, version_base="1.3"):
+        with hydra_configs(config_module, config_dir):
+            jobs = sweep_jobs(config_name, overrides, parsed) if multirun else [overrides]
             configs = [compose(config_name, job, return_hydra_config=True) for job in jobs]
             for job in jobs:
                 check_added_keys(config_name, job, groups)
@@ -64,6 +74,31 @@ def compose_jobs(config_module: str, config_name: str, overrides: list[str], mul
             key = match.group(1) or match.group(2)
             raise ConfigError(f"+{key} adds what already exists", f"drop the '+': {key}=<value>") from None
         raise ConfigError(first_line(err), "see maskrun --help") from None
+
+
+@contextlib.contextmanager
+def hydra_configs(config_module: str, config_dir: str | None):
+    """Hydra set up as `maskrun` sets it up: the packaged configs, and --config-dir's before them."""
+    search_path = create_automatic_config_search_path(None, None, f"pkg://{config_module}")
+    if config_dir:
+        search_path.prepend("command-line", f"file://{os.path.abspath(config_dir)}", anchor=SearchPathQuery(provider="schema"))
+    saved = get_gh_backup()
+    version.setbase("1.3")
+    Hydra.create_main_hydra2("maskrun", search_path)
+    try:
+        yield
+    finally:
+        restore_gh_from_backup(saved)
+
+
+def sweep_jobs(config_name: str, overrides: list[str], parsed: list) -> list[list[str]]:
+    """Each job's overrides, as Hydra's basic sweeper splits them: a preset's `hydra.sweeper.params` first,
+    then the command line (which wins for a key given in both)."""
+    sweep_config = compose(config_name, [o.input_line for o in parsed if not o.is_sweep_override()],
+                           return_hydra_config=True)
+    params = OmegaConf.select(sweep_config, "hydra.sweeper.params") or {}
+    preset = [f"{key}={value}" for key, value in params.items()]
+    return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(preset + overrides), None)[0]
 
 
 def check_added_keys(config_name: str, job: list[str], groups: set[str]) -> None:

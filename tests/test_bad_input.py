@@ -31,6 +31,9 @@ def workdir(tmp_path, monkeypatch) -> Path:
     cache.fetch("pretrain", {"seed": 0}, lambda out: (out / "model.safetensors").write_bytes(b"weights"))
     cache.close()
     (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "presets" / "experiment").mkdir(parents=True)
+    (tmp_path / "presets" / "experiment" / "bad_sweep.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      mask.ratio: 0.3,1.5\n")
     return tmp_path
 
 
@@ -87,6 +90,8 @@ BAD_COMMAND_LINES = [
     (["mask.include=['(']"], "is not a valid regex"),
     (["save_model=sometimes"], "save_model='sometimes'"),
     (["dataset.validation_fraction=0.5", "dataset.test_fraction=0.5"], "leave no training data"),
+    (["-m", "--config-dir", "presets", "experiment=bad_sweep"], "mask.ratio=1.5 is not a number in [0, 1]"),
+    (["--config-dir", "no_such_dir"], "--config-dir no_such_dir is not a directory"),
     (["--cfg", "jobb"], "invalid choice: 'jobb'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ]

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from maskrun.errors import ConfigError
-from maskrun.validate import check_config
+from maskrun.validate import check_config, compose_jobs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUP_OPTIONS = [
@@ -46,3 +46,23 @@ def test_defaults_are_importance_at_half():
         cfg = compose("config")
     assert cfg.mask.strategy == "importance" and cfg.mask.ratio == 0.5 and cfg.mask.score == "magnitude"
     assert cfg.model.name == "tiny_bert" and cfg.dataset.name == "rotten_tomatoes" and cfg.optimizer.name == "adamw"
+
+
+def test_a_preset_sweep_expands_into_every_job_and_the_command_line_wins():
+    jobs = compose_jobs("maskrun.conf", "config", ["experiment=ratio_sweep"], multirun=True)
+    settings = {(job.mask.strategy, job.mask.ratio, job.seed) for job in jobs}
+    assert len(jobs) == len(settings) == 2 * 6 * 3
+    assert {s for s, _, _ in settings} == {"random", "importance"} and {r for _, r, _ in settings} >= {0.0, 0.9}
+
+    narrowed = compose_jobs("maskrun.conf", "config", ["experiment=ratio_sweep", "mask.ratio=0.2,0.4", "seed=7"],
+                            multirun=True)
+    assert {(job.mask.ratio, job.seed) for job in narrowed} == {(0.2, 7), (0.4, 7)} and len(narrowed) == 4
+
+
+def test_a_preset_from_the_users_config_dir_composes(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - smoke\nhydra:\n  sweeper:\n    params:\n      mask.ratio: 0.3,0.6\n")
+    jobs = compose_jobs("maskrun.conf", "config", ["experiment=mine"], multirun=True, config_dir=str(tmp_path))
+    assert sorted(job.mask.ratio for job in jobs) == [0.3, 0.6]
+    assert all(job.model.hidden_size == 32 for job in jobs)  # the smoke preset came along
