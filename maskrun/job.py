@@ -1,11 +1,15 @@
 """One Hydra job: run the pipeline, record metrics.json whatever happens, write the run report.
 
-A job whose run dir already holds a finished metrics.json with the same config hash is reused,
-not rerun: rerunning a sweep with the same `hydra.sweep.dir` redoes only what is missing.
+A finished job is never computed twice. Its run dir is reused when it already holds an ok
+metrics.json with the same config hash (rerunning a sweep with the same `hydra.sweep.dir` redoes
+only what is missing); otherwise the `result` stage of the cache, keyed by the same settings,
+holds the run's results for any other run dir (another sweep, a later command). A failed job
+publishes no result, so it is computed again next time.
 """
 
 import json
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,18 +18,29 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from maskrun.cache import cache_key
+from maskrun.cache import Cache, cache_key
 from maskrun.devices import gpu_lease
 from maskrun.progress import console
 from maskrun.provenance import versions
 from maskrun.report.run import print_summary, write_run_report
 
 
+# What a run dir holds of its results (report.md and plots/ are redrawn from metrics.json).
+RESULT_FILES = ("metrics.json", "history.json", "mask.safetensors", "mask_task_b.safetensors", "finetuned")
+
+
+class JobFailed(Exception):
+    """The job ended with status failed (recorded in its metrics.json): nothing to publish."""
+
+
+def settings(cfg: DictConfig) -> dict:
+    """Everything that decides a job's results (where the cache lives does not)."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "cache_dir")]),
+                                  resolve=True)
+
+
 def hash_config(cfg: DictConfig) -> str:
-    """Hash of everything that decides a job's results (where the cache lives does not)."""
-    settings = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "cache_dir")]),
-                                      resolve=True)
-    return cache_key("run", settings)
+    return cache_key("run", settings(cfg))
 
 
 def finished_before(run_dir: Path, expected_hash: str) -> bool:
@@ -65,16 +80,38 @@ def run_job(cfg: DictConfig) -> str:
     if finished_before(run_dir, config_hash):
         console.print(f"maskrun: reused finished run {run_dir} (config {config_hash})")
         return "ok"
+    for name in RESULT_FILES:  # another config's results: a crash must not leave them here
+        remove(run_dir / name)
+    metrics = new_metrics(cfg, config_hash)
+    cache = Cache(cfg.cache_dir)
+    try:
+        entry, status = cache.fetch("result", settings(cfg), lambda out: compute(cfg, cache, run_dir, metrics, out))
+        if status == "hit":
+            metrics = restore(entry, run_dir, metrics)
+            console.print(f"maskrun: reused the cached result {entry}")
+    except JobFailed:
+        pass
+    finally:
+        cache.close()
+    write_run_report(run_dir, metrics)
+    print_summary(run_dir, metrics)
+    if metrics["status"] == "failed" and HydraConfig.get().mode == RunMode.RUN:
+        print(f"maskrun: run failed: {metrics['error']} (details in {run_dir / 'metrics.json'})", file=sys.stderr)
+        sys.exit(1)
+    return metrics["status"]
+
+
+def compute(cfg: DictConfig, cache: Cache, run_dir: Path, metrics: dict, result_dir: Path) -> None:
+    """Runs the pipeline into run_dir and records metrics.json; an ok run's results go to result_dir too."""
     from maskrun import pipeline  # torch and transformers: not needed to reuse a finished job
 
-    (run_dir / "metrics.json").unlink(missing_ok=True)  # another config's result: a crash must not leave it here
-    metrics = new_metrics(cfg, config_hash)
     with gpu_lease(str(cfg.device)) as gpu:  # before any CUDA call
         metrics["lease"].update(gpu=gpu, start=time.time())
         start = time.perf_counter()
         try:
-            pipeline.run(cfg, run_dir, metrics)
+            pipeline.run(cfg, cache, run_dir, metrics)
             metrics["status"] = "ok"
+            metrics["cache"]["result"] = "miss"
         except Exception as err:  # recorded, not raised: a failed job is a result too
             metrics["status"] = "failed"
             metrics["error"] = f"{type(err).__name__}: {' '.join(str(err).split())}"
@@ -82,12 +119,36 @@ def run_job(cfg: DictConfig) -> str:
         metrics["memory"].update(peak_memory())
         metrics["lease"]["end"] = time.time()
         write_metrics(run_dir, metrics)
-    write_run_report(run_dir, metrics)
-    print_summary(run_dir, metrics)
-    if metrics["status"] == "failed" and HydraConfig.get().mode == RunMode.RUN:
-        print(f"maskrun: run failed: {metrics['error']} (details in {run_dir / 'metrics.json'})", file=sys.stderr)
-        sys.exit(1)
-    return metrics["status"]
+    if metrics["status"] != "ok":
+        raise JobFailed
+    for name in RESULT_FILES:
+        copy(run_dir / name, result_dir / name)
+
+
+def restore(entry: Path, run_dir: Path, metrics: dict) -> dict:
+    """The cached result's files in run_dir, and its metrics under this job's own overrides and choices."""
+    for name in RESULT_FILES:
+        copy(entry / name, run_dir / name)
+    cached = json.loads((entry / "metrics.json").read_text())
+    cached.update({key: metrics[key] for key in ("overrides", "choices", "lease")})
+    cached["cache"] = {stage: "hit" for stage in cached["cache"]}  # every artifact came from the cache
+    cached["reused_result"] = str(entry.resolve())
+    write_metrics(run_dir, cached)
+    return cached
+
+
+def copy(source: Path, target: Path) -> None:
+    if source.is_dir():
+        shutil.copytree(source, target)
+    elif source.is_file():
+        shutil.copyfile(source, target)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:

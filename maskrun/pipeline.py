@@ -1,13 +1,14 @@
 """One run: pretrain → mask generation → masked fine-tune → evaluate, each stage through the cache."""
 
 import json
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from maskrun.cache import Cache
@@ -18,18 +19,19 @@ from maskrun.data.tokenizer import prepare_tokenizer, tokenizer_spec
 from maskrun.devices import resolve_device
 from maskrun.evaluate import classify, interference
 from maskrun.finetune import finetune
-from maskrun.masks import build_mask, eligible_parameters, mask_summary, needs_scores
+from maskrun.masks import MASK_FILE, cached_mask, eligible_parameters, mask_summary, needs_scores
 from maskrun.masks.scores import cached_scores
 from maskrun.models import load_task_model, pretrained_names, pretrained_source
 from maskrun.pretrain import pretrain, pretraining_objective
 from maskrun.sequential import fine_tune_next
 
 
-def run(cfg, run_dir: Path, metrics: dict) -> None:
+def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
     """Runs the arrow for `cfg`, filling `metrics` stage by stage (so a failure keeps what was done)."""
-    cache, device = Cache(cfg.cache_dir), resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     timing, hits = metrics.setdefault("timing", {}), metrics.setdefault("cache", {})
     metrics["device"] = str(device)
+    metrics["cpu_threads"] = torch.get_num_threads()  # float sums, hence the last bits, depend on it
     corpus = load_corpus(cfg.dataset)
     task = load_task(cfg.dataset, cfg.dataset.split_seed)
 
@@ -45,7 +47,7 @@ def run(cfg, run_dir: Path, metrics: dict) -> None:
         pretrained_dir, hits["pretrain"] = cache.fetch(
             "pretrain", pretrain_inputs,
             lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed))
-        metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": "mask.safetensors", "finetuned": None}
+        metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": MASK_FILE, "finetuned": None}
 
     with stage_timer(timing, "scores"):
         scores, hits["scores"] = (cached_scores(cache, cfg, pretrained_dir, task, tokenizer, device)
@@ -55,8 +57,9 @@ def run(cfg, run_dir: Path, metrics: dict) -> None:
         torch.manual_seed(cfg.seed)  # the new head's initialisation must not depend on which stages were cache hits
         model = load_task_model(pretrained_dir, task.num_labels).to(device)
         params = eligible_parameters(model, pretrained_names(pretrained_dir), cfg.mask.include, cfg.mask.exclude)
-        frozen = build_mask(cfg.mask, params, scores, cfg.seed)
-        save_file({name: m.contiguous() for name, m in frozen.items()}, run_dir / "mask.safetensors")
+        mask_file, hits["mask"] = cached_mask(cache, cfg, params, scores, pretrained_dir)
+        shutil.copyfile(mask_file, run_dir / MASK_FILE)
+        frozen = load_file(run_dir / MASK_FILE)
         metrics["mask"] = mask_summary(cfg.mask, frozen)
 
     with stage_timer(timing, "finetune"):

@@ -10,12 +10,12 @@ import copy
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from maskrun.data import load_task
 from maskrun.evaluate import classify
 from maskrun.finetune import finetune
-from maskrun.masks import build_mask, eligible_parameters, mask_summary
+from maskrun.masks import build_mask, eligible_parameters, mask_summary, needs_scores, save_mask
+from maskrun.masks.scores import model_scores
 from maskrun.models import load_task_model, pretrained_names
 
 
@@ -28,10 +28,11 @@ def fine_tune_next(model_a, task_a, frozen: dict[str, torch.Tensor], pretrained_
 
     model_b = load_task_model(pretrained_dir, task_b.num_labels).to(device)
     model_b.base_model.load_state_dict(model_a.base_model.state_dict())
-    if scfg.remask:
+    if scfg.remask:  # scored on the task-A weights and task B's data
         params = eligible_parameters(model_b, pretrained_names(pretrained_dir), cfg.mask.include, cfg.mask.exclude)
-        frozen = build_mask(cfg.mask, params, cfg.seed)
-        save_file({name: m.contiguous() for name, m in frozen.items()}, run_dir / "mask_task_b.safetensors")
+        scores = model_scores(cfg.mask, model_b, set(params), task_b, tokenizer, max_length, cfg.seed)
+        frozen = build_mask(cfg.mask, params, scores if needs_scores(cfg.mask) else None, cfg.seed)
+        save_mask(frozen, run_dir / "mask_task_b.safetensors")
     finetune(model_b, tokenizer, task_b, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed)
 
     model_a_after_b = copy.deepcopy(model_a)

@@ -1,4 +1,4 @@
-"""A NaN or infinite loss stops the job with status failed, and its stage publishes nothing.
+"""A NaN or infinite loss stops the job with status failed; its stage publishes nothing, and no result is cached.
 
 (Jobs killed mid-stage and rerun: test_determinism.py. Damaged cache entries, killed cache writers
 and concurrent jobs: test_cache.py.)
@@ -18,7 +18,7 @@ from maskrun.job import run_job
 
 @pytest.mark.parametrize("overrides, stage, published", [
     (["pretrain.lr=1e30"], "pretraining", ["tokenizer"]),
-    (["pretrain.steps=0", "finetune.lr=1e30"], "fine-tuning", ["pretrain", "scores", "tokenizer"]),
+    (["pretrain.steps=0", "finetune.lr=1e30"], "fine-tuning", ["mask", "pretrain", "scores", "tokenizer"]),
 ])
 def test_a_nan_loss_fails_the_job(tmp_path, overrides, stage, published):
     with initialize_config_module("maskrun.conf", version_base="1.3"):

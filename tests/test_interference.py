@@ -3,6 +3,7 @@
 import pytest
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from conftest import assert_frozen_entries_exact, load_metrics, maskrun, run_dirs
@@ -112,3 +113,16 @@ def test_sequential_fine_tuning_reports_task_a_before_and_after_task_b(controlle
         report = (run_dir / "report.md").read_text()
         assert "Retention (after B − after A)" in report and "Pretraining gain" in report
         assert (run_dir / "plots" / "interference_per_layer.png").stat().st_size > 0
+
+
+def test_remask_builds_task_b_its_own_mask_from_the_task_a_weights(tmp_path):
+    maskrun(["experiment=[smoke,sequential]", "sequential.remask=true", "mask.score=gradient", "mask.ratio=0.5",
+             "dataset.max_examples=120", "pretrain.steps=10", "finetune.epochs=1"], tmp_path)
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    metrics = load_metrics(run_dir)
+    assert metrics["status"] == "ok" and metrics["sequential"]["remask"] is True
+    mask_a, mask_b = load_file(run_dir / "mask.safetensors"), load_file(run_dir / "mask_task_b.safetensors")
+    assert mask_a.keys() == mask_b.keys()
+    summary_b = metrics["sequential"]["mask_task_b"]
+    assert summary_b["frozen"] == sum(int(m.sum()) for m in mask_b.values()) == metrics["mask"]["frozen"]
+    assert any(not torch.equal(mask_a[name], mask_b[name]) for name in mask_a)  # other weights, other data

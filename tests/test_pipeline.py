@@ -23,7 +23,7 @@ def test_smoke_run_writes_every_artifact(smoke_run):
     assert interference["forgetting"] == pytest.approx(
         interference["pretrain_loss_after"] - interference["pretrain_loss_before"])
     assert 0.0 < interference["cka"] <= 1.0 + 1e-9 and interference["drift_l2"] > 0
-    assert metrics["cache"] == {"tokenizer": "miss", "pretrain": "miss", "scores": "miss"}
+    assert metrics["cache"] == {"tokenizer": "miss", "pretrain": "miss", "scores": "miss", "mask": "miss", "result": "miss"}
     assert metrics["artifacts"]["mask"] == "mask.safetensors" and metrics["artifacts"]["finetuned"] == "finetuned"
     assert metrics["timing"]["total_s"] > 0 and metrics["memory"]["optimizer_state_bytes"] > 0
     for path in ("mask.safetensors", "finetuned/model.safetensors", "finetuned/config.json", "report.md",

@@ -26,15 +26,17 @@ def job_metrics(sweep_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def parallel_sweep(tmp_path_factory):
-    """The joblib sweep on two declared GPUs with a fresh cache, then the same command again."""
+    """The joblib sweep on two declared GPUs with a fresh cache, the same command again, then in another sweep dir."""
     cwd = tmp_path_factory.mktemp("sweep")
-    args = ["-m", *TINY, *PARALLEL, f"cache_dir={cwd / 'cache'}", f"hydra.sweep.dir={cwd / 'sweep'}"]
+    args = ["-m", *TINY, *PARALLEL, f"cache_dir={cwd / 'cache'}"]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MASKRUN_FAKE_GPUS", "2")
-        first = maskrun(args, cwd)
+        first = maskrun([*args, f"hydra.sweep.dir={cwd / 'sweep'}"], cwd)
         before = {num: (cwd / "sweep" / str(num) / "metrics.json").read_text() for num in range(4)}
-        again = maskrun(args, cwd)
-    return {"dir": cwd / "sweep", "first": first, "again": again, "metrics_before_rerun": before}
+        again = maskrun([*args, f"hydra.sweep.dir={cwd / 'sweep'}"], cwd)
+        elsewhere = maskrun([*args, f"hydra.sweep.dir={cwd / 'elsewhere'}"], cwd)
+    return {"dir": cwd / "sweep", "first": first, "again": again, "metrics_before_rerun": before,
+            "elsewhere": cwd / "elsewhere", "elsewhere_output": elsewhere, "cache": cwd / "cache"}
 
 
 def test_parallel_sweep_runs_every_job_and_pretrains_once(parallel_sweep):
@@ -82,6 +84,22 @@ def test_rerun_with_the_same_sweep_dir_reuses_every_finished_job(parallel_sweep)
     assert all((sweep_dir / str(num) / "metrics.json").read_text() == text
                for num, text in parallel_sweep["metrics_before_rerun"].items())
     assert [row["status"] for row in summary_rows(sweep_dir)] == ["ok"] * 4
+
+
+def test_the_same_jobs_in_another_sweep_dir_are_cached_results(parallel_sweep):
+    """No stage runs again: each job's results, mask and fine-tuned model come from its `result` cache entry."""
+    first, elsewhere = job_metrics(parallel_sweep["dir"]), job_metrics(parallel_sweep["elsewhere"])
+    assert parallel_sweep["elsewhere_output"].stderr.count("maskrun: reused the cached result") == 4
+    assert [m["cache"]["result"] for m in first] == ["miss"] * 4
+    assert all(set(m["cache"].values()) == {"hit"} for m in elsewhere)
+    assert len(list((parallel_sweep["cache"] / "result").glob("*/metrics.json"))) == 4
+    results = ("status", "task", "interference", "mask", "config_hash", "seed", "versions")
+    for num, (original, reused) in enumerate(zip(first, elsewhere)):
+        assert {key: reused[key] for key in results} == {key: original[key] for key in results}
+        for artifact in ("mask.safetensors", "finetuned/model.safetensors", "history.json"):
+            assert (parallel_sweep["elsewhere"] / str(num) / artifact).read_bytes() == \
+                (parallel_sweep["dir"] / str(num) / artifact).read_bytes(), artifact
+    assert summary_rows(parallel_sweep["elsewhere"]) and (parallel_sweep["elsewhere"] / "report.md").exists()
 
 
 def test_maskrun_report_rebuilds_the_sweep_report(parallel_sweep):

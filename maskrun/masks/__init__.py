@@ -1,15 +1,22 @@
 """Mask generation: which pretrained entries stay frozen during fine-tuning.
 
-A strategy turns scores into a mask; a new strategy is one module here (with `build`, and the
+The `mask` stage is cached: keyed by the pretrained checkpoint, the scores it was built from and
+the mask settings, so the same mask is never selected twice. A strategy turns scores into a mask; a new strategy is one module here (with `build`, and the
 `NEEDS_SCORES`, `ALLOCATIONS`, `GRANULARITIES` it supports), one YAML in conf/mask/, and one line
 in STRATEGIES.
 """
 
 import re
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from maskrun.masks import importance, layers, none, random, similarity
+from maskrun.masks.scores import score_inputs
+
+MASK_FILE = "mask.safetensors"
 
 STRATEGIES = {
     "none": none,
@@ -42,6 +49,20 @@ def build_mask(mcfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Te
                seed: int) -> dict[str, torch.Tensor]:
     """One bool tensor per eligible parameter; True = frozen at its pretrained value."""
     return STRATEGIES[mcfg.strategy].build(mcfg, params, scores, seed)
+
+
+def cached_mask(cache, cfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Tensor] | None,
+                pretrained_dir: Path) -> tuple[Path, str]:
+    """The mask file of the cached `mask` stage, and "hit" or "miss"."""
+    inputs = {"pretrained": Path(pretrained_dir).name, "mask": OmegaConf.to_container(cfg.mask, resolve=True),
+              "seed": cfg.seed, "scores": score_inputs(cfg, pretrained_dir) if needs_scores(cfg.mask) else None}
+    entry, status = cache.fetch("mask", inputs,
+                                lambda out: save_mask(build_mask(cfg.mask, params, scores, cfg.seed), out / MASK_FILE))
+    return entry / MASK_FILE, status
+
+
+def save_mask(masks: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({name: m.contiguous().cpu() for name, m in masks.items()}, path)
 
 
 def mask_summary(mcfg, masks: dict[str, torch.Tensor]) -> dict:

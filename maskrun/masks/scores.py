@@ -54,13 +54,23 @@ def compute_scores(mcfg, pretrained_dir: Path, task, tokenizer, max_length: int,
 
     with torch.random.fork_rng(devices=[]):  # seeded head, without touching the run's own random stream
         torch.manual_seed(seed)
-        model = load_task_model(pretrained_dir, task.num_labels).to(device).eval()
-    names = pretrained_names(pretrained_dir)
+        model = load_task_model(pretrained_dir, task.num_labels).to(device)
+    return model_scores(mcfg, model, pretrained_names(pretrained_dir), task, tokenizer, max_length, seed)
+
+
+def model_scores(mcfg, model, names: set[str], task, tokenizer, max_length: int, seed: int) -> dict[str, torch.Tensor]:
+    """`mcfg.score` of the model's parameters in `names`, on the CPU; the model's weights are left as they were."""
     params = {name: p for name, p in model.named_parameters() if name in names}
+    if mcfg.score == "magnitude":
+        return {name: p.detach().float().abs().cpu() for name, p in params.items()}
+    was_training = model.training
+    model.eval()
     batches = calibration_batches(task.train, mcfg.calib_batches, mcfg.calib_batch_size, seed)
     if mcfg.score == "fisher" and mcfg.fisher == "per_example":
         batches = [[example] for batch in batches for example in batch]
     mean = mean_gradients(model, params, batches, task.train, tokenizer, max_length, squared=mcfg.score == "fisher")
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
     if mcfg.score == "gradient":
         mean = {name: g.abs() for name, g in mean.items()}
     elif mcfg.score == "taylor":
