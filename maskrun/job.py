@@ -131,7 +131,9 @@ def restore(entry: Path, run_dir: Path, metrics: dict) -> dict:
         copy(entry / name, run_dir / name)
     cached = json.loads((entry / "metrics.json").read_text())
     cached.update({key: metrics[key] for key in ("overrides", "choices", "lease")})
-    cached["cache"] = {stage: "hit" for stage in cached["cache"]}  # every artifact came from the cache
+    cached["cache"] = {stage: "hit" if status == "miss" else status  # every artifact came from the cache
+                       for stage, status in cached["cache"].items()}
+    cached["cache"]["result"] = "hit"
     cached["reused_result"] = str(entry.resolve())
     write_metrics(run_dir, cached)
     return cached

@@ -40,10 +40,10 @@ def pretrained_source(mcfg) -> str | None:
     return mcfg.get("name_or_path")
 
 
-def scratch_config(mcfg, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+def scratch_config(mcfg, vocab_size: int, pad_id: int, cls_id: int, sep_id: int) -> PretrainedConfig:
     if mcfg.family == "gpt2":
         return GPT2Config(
-            vocab_size=len(tokenizer),
+            vocab_size=vocab_size,
             n_embd=mcfg.hidden_size,
             n_layer=mcfg.num_layers,
             n_head=mcfg.num_heads,
@@ -52,12 +52,12 @@ def scratch_config(mcfg, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig
             resid_pdrop=mcfg.dropout,
             embd_pdrop=mcfg.dropout,
             attn_pdrop=mcfg.dropout,
-            bos_token_id=tokenizer.cls_token_id,
-            eos_token_id=tokenizer.sep_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=cls_id,
+            eos_token_id=sep_id,
+            pad_token_id=pad_id,
         )
     return BertConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=mcfg.hidden_size,
         num_hidden_layers=mcfg.num_layers,
         num_attention_heads=mcfg.num_heads,
@@ -65,7 +65,7 @@ def scratch_config(mcfg, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig
         max_position_embeddings=mcfg.max_position_embeddings,
         hidden_dropout_prob=mcfg.dropout,
         attention_probs_dropout_prob=mcfg.dropout,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad_id,
     )
 
 
@@ -73,9 +73,24 @@ def build_pretraining_model(mcfg, tokenizer: PreTrainedTokenizerBase) -> torch.n
     """The backbone under its pretraining head: new from `scratch_config`, or loaded (a missing head starts new)."""
     auto = OBJECTIVES[mcfg.objective]
     source = pretrained_source(mcfg)
-    model = auto.from_pretrained(source) if source else auto.from_config(scratch_config(mcfg, tokenizer))
+    model = auto.from_pretrained(source) if source else auto.from_config(
+        scratch_config(mcfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id))
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders classify at the last non-padding token
     return model
+
+
+def backbone_names(mcfg) -> list[str]:
+    """The task model's backbone parameter names (what a mask can select), from the model config alone."""
+    source = pretrained_source(mcfg)
+    # Names do not depend on the vocabulary: a stand-in of 8 tokens (pad 0, cls 1, sep 2) will do.
+    config = AutoConfig.from_pretrained(source) if source else scratch_config(mcfg, 8, 0, 1, 2)
+    with torch.device("meta"):  # no weights are allocated
+        task_model = AutoModelForSequenceClassification.from_config(config)
+        # Built from scratch, the checkpoint holds what the pretraining model has (a BERT has no pooler there).
+        pretraining = None if source else dict(OBJECTIVES[mcfg.objective].from_config(config).named_parameters())
+    prefix = task_model.base_model_prefix + "."
+    return [name for name, _ in task_model.named_parameters()
+            if name.startswith(prefix) and (pretraining is None or name in pretraining)]
 
 
 def save_backbone(source: str, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:

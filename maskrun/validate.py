@@ -5,6 +5,7 @@ import functools
 import math
 import os
 import re
+import shutil
 import tempfile
 from importlib.resources import files
 from pathlib import Path
@@ -135,6 +136,8 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
         check_top_level(cfg)
         check_mask(cfg.mask)
         check_model(cfg.model)
+        if cfg.mask.include or cfg.mask.exclude:
+            check_mask_selects(OmegaConf.to_yaml(cfg.model), tuple(cfg.mask.include or ()), tuple(cfg.mask.exclude or ()))
         check_training(cfg)
         check_dataset(cfg.dataset)
         check_task_splits(OmegaConf.to_yaml(cfg.dataset))
@@ -148,9 +151,26 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
     except (TypeError, ValueError, KeyError, AttributeError, OmegaConfBaseException) as err:
         # A value of the wrong shape (a list for a number, a section set to a string) trips a check.
         raise ConfigError(f"malformed configuration: {first_line(err)}", "maskrun --cfg job shows every key and its value") from None
+    if multirun:
+        check_launcher(cfg.hydra.launcher)
     check_writable(Path(cfg.cache_dir), "cache_dir")
     output_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     check_writable(Path(OmegaConf.select(cfg, output_key)), output_key)
+
+
+def check_launcher(launcher: DictConfig) -> None:
+    """What the launcher itself would only find out after the sweep dir is made, with a traceback."""
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("JoblibLauncher") and (not isinstance(launcher.n_jobs, int) or launcher.n_jobs == 0):
+        raise ConfigError(f"hydra.launcher.n_jobs={launcher.n_jobs!r} is not a number of parallel jobs",
+                          "e.g. hydra.launcher.n_jobs=2 (the number of GPUs), or -1 for one per CPU core")
+    if "submitit" in target:
+        positive_int(launcher.timeout_min, "hydra.launcher.timeout_min")
+        if launcher.get("array_parallelism") is not None:
+            positive_int(launcher.array_parallelism, "hydra.launcher.array_parallelism")
+    if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
+        raise ConfigError("hydra/launcher=slurm needs SLURM, and srun is not on this machine's PATH",
+                          "submit from a SLURM login node, or try the same path here with hydra/launcher=submitit_local")
 
 
 def check_top_level(cfg: DictConfig) -> None:
@@ -176,10 +196,39 @@ def check_model(model: DictConfig) -> None:
     one_of(model.objective, OBJECTIVES, "model.objective")
     if model.get("packaged"):
         packaged_file(model.packaged)
-    elif model.get("name_or_path") is None:
+    elif model.get("name_or_path") is not None:
+        check_model_source(str(model.name_or_path))
+    else:
         if model.name == "hf":
             raise ConfigError("model=hf needs model.name_or_path", "give a hub id or a local folder, e.g. model.name_or_path=bert-base-uncased")
         one_of(model.family, SCRATCH_FAMILIES, "model.family")
+
+
+@functools.lru_cache(maxsize=None)
+def check_model_source(name_or_path: str) -> None:
+    """A local model folder, or a hub id whose config can be fetched (or, offline, is in the local Hugging Face cache)."""
+    from transformers import AutoConfig
+
+    how = "give a folder holding config.json, or a hub id reachable from here"
+    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
+        raise ConfigError(f"model.name_or_path={name_or_path} does not exist", how)
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path={name_or_path} cannot be loaded: {first_line(err).split('. ')[0]}",
+                          how) from None
+
+
+@functools.lru_cache(maxsize=None)  # the jobs of a sweep share their model
+def check_mask_selects(model_yaml: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
+    from maskrun.masks import selected
+    from maskrun.models import backbone_names
+
+    names = backbone_names(OmegaConf.create(model_yaml))
+    if not any(selected(name, include, exclude) for name in names):
+        raise ConfigError(f"mask.include={list(include) or None} and mask.exclude={list(exclude) or None} "
+                          f"leave no backbone parameter to mask",
+                          f"the names look like {names[0]} ... {names[-1]}")
 
 
 def check_training(cfg: DictConfig) -> None:
@@ -188,6 +237,7 @@ def check_training(cfg: DictConfig) -> None:
         for key in keys:
             positive_int(cfg[section][key], f"{section}.{key}")
     non_negative_int(cfg.pretrain.steps, "pretrain.steps")
+    non_negative_int(cfg.pretrain.warmup_steps, "pretrain.warmup_steps")
     positive_int(cfg.pretrain.max_length, "pretrain.max_length")
     if cfg.pretrain.max_length < 3:
         raise ConfigError(f"pretrain.max_length={cfg.pretrain.max_length} leaves no room for text between [CLS] and [SEP]",
@@ -292,6 +342,9 @@ def check_task_splits(dataset_yaml: str) -> None:
         sizes = ", ".join(f"{name} {size}" for name, size in splits.items())
         raise ConfigError(f"dataset {dataset.name} splits into {sizes} examples ({len(task.label_names)} classes): too few",
                           "raise dataset.max_examples (null: all) or the split fractions")
+    if dataset.get("train_size") and dataset.train_size > splits["train"]:
+        raise ConfigError(f"dataset.train_size={dataset.train_size} exceeds the {splits['train']} training examples of {dataset.name}",
+                          "lower it, or set dataset.train_size=null for all of them")
 
 
 def check_corpus_vocabulary(dataset: DictConfig, vocab_size: int) -> None:

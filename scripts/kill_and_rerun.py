@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 SWEEP = ["-m", "experiment=smoke", "mask.ratio=0.1,0.5,0.9", "seed=0,1"]
-VARYING = ("timing", "memory", "cache", "artifacts", "overrides")
+VARYING = ("timing", "memory", "cache", "artifacts", "overrides", "lease", "reused_result")  # not results
 
 
 def maskrun(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -85,7 +85,9 @@ def kill_and_rerun(workdir: Path, rng: random.Random) -> bool:
     pretrain_entries = [p for p in (cache / "pretrain").iterdir() if p.is_dir() and not p.name.startswith(".")]
     pretrain_misses = sum(m["cache"].get("pretrain") == "miss" for m in after.values())
     print(f"frozen entries exact in every job: {exact}")
-    print(f"jobs finished before the kill identical to their rerun: {matching} ({len(before)} compared)")
+    reused = sum(m["cache"].get("result") == "hit" for m in after.values())
+    print(f"jobs finished before the kill identical to their rerun: {matching} ({len(before)} compared, "
+          f"{reused} rerun jobs copied from the cache's results)")
     print(f"pretrain entries in the cache: {len(pretrain_entries)} (2 seeds); pretrain misses in the rerun: {pretrain_misses}")
     return rerun.returncode == 0 and len(after) == 6 and exact and matching and len(pretrain_entries) == 2
 

@@ -25,12 +25,14 @@ MAX_HELP_LINES = 3
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
-    """A working directory holding a populated default cache (outputs/.cache)."""
+    """A working directory holding a populated default cache (outputs/.cache); PATH finds no tools (no srun)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
     cache = Cache(tmp_path / "outputs" / ".cache")
     cache.fetch("pretrain", {"seed": 0}, lambda out: (out / "model.safetensors").write_bytes(b"weights"))
     cache.close()
     (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "an_empty_dir").mkdir()
     (tmp_path / "presets" / "experiment").mkdir(parents=True)
     (tmp_path / "presets" / "experiment" / "bad_sweep.yaml").write_text(
         "# @package _global_\nhydra:\n  sweeper:\n    params:\n      mask.ratio: 0.3,1.5\n")
@@ -92,6 +94,16 @@ BAD_COMMAND_LINES = [
     (["dataset.validation_fraction=0.5", "dataset.test_fraction=0.5"], "leave no training data"),
     (["-m", "--config-dir", "presets", "experiment=bad_sweep"], "mask.ratio=1.5 is not a number in [0, 1]"),
     (["--config-dir", "no_such_dir"], "--config-dir no_such_dir is not a directory"),
+    (["pretrain.warmup_steps=-1"], "pretrain.warmup_steps=-1 must be a whole number >= 0"),
+    (["mask.include=[nomatch]"], "leave no backbone parameter to mask"),
+    (["mask.exclude=[.*]"], "leave no backbone parameter to mask"),
+    (["model=tiny_gpt", "mask.include=[attention]"], "leave no backbone parameter to mask"),  # GPT-2 says attn
+    (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path=/no/such/model does not exist"),
+    (["model=hf", "model.name_or_path=an_empty_dir"], "model.name_or_path=an_empty_dir cannot be loaded"),
+    (["dataset.train_size=100000000"], "dataset.train_size=100000000 exceeds the 8926 training examples"),
+    (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "seed=0,1"], "hydra.launcher.n_jobs=0"),
+    (["-m", "hydra/launcher=slurm", "seed=0,1"], "srun is not on this machine's PATH"),
+    (["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=0"], "hydra.launcher.timeout_min=0"),
     (["--cfg", "jobb"], "invalid choice: 'jobb'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ]

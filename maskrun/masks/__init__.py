@@ -33,16 +33,15 @@ def needs_scores(mcfg) -> bool:
 
 def eligible_parameters(model: torch.nn.Module, pretrained: set[str], include, exclude) -> dict[str, torch.Tensor]:
     """Pretrained parameters selected by the include/exclude regexes, in the model's order."""
-    params = {}
-    for name, param in model.named_parameters():
-        if name not in pretrained:
-            continue  # a newly initialised head always trains
-        if include and not any(re.search(p, name) for p in include):
-            continue
-        if exclude and any(re.search(p, name) for p in exclude):
-            continue
-        params[name] = param.detach()
-    return params
+    # A newly initialised head always trains.
+    return {name: param.detach() for name, param in model.named_parameters()
+            if name in pretrained and selected(name, include, exclude)}
+
+
+def selected(name: str, include, exclude) -> bool:
+    """Whether mask.include/mask.exclude (lists of regexes, or null) let the parameter `name` be masked."""
+    return ((not include or any(re.search(p, name) for p in include))
+            and not (exclude and any(re.search(p, name) for p in exclude)))
 
 
 def build_mask(mcfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Tensor] | None,
