@@ -174,6 +174,8 @@ BAD_DATASET_FILES = [
      "neither an int nor a string"),
     ("list labels", lambda d: write(d / "lists.jsonl", '{"text": "a", "label": [1]}\n{"text": "b", "label": [0]}\n'),
      "neither an int nor a string"),
+    ("fractional labels in csv", lambda d: write(d / "scores.csv", "text,label\na,0.25\nb,0.75\n"), "is a fractional number"),
+    ("empty text", lambda d: write(d / "blank.csv", "text,label\na,pos\n  ,neg\n"), "record 2 has an empty text"),
     ("mixed labels", lambda d: write(d / "mixed.json", json.dumps([{"text": "a", "label": 1}, {"text": "b", "label": "neg"}])),
      "mix ints and strings"),
     ("parquet without labels", lambda d: write_parquet(d / "t.parquet", {"text": ["a", "b"], "y": [0, 1]}),
@@ -202,6 +204,9 @@ def test_unknown_encoding_name_is_refused(tmp_path):
     ("ok.csv", 'text,label\n"a, quoted",pos\nb,neg\n'),
     ("ok.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n'),
     ("ok.json", json.dumps([{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])),
+    ("lines.json", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n'),  # JSON Lines under .json
+    ("excel.csv", "\ufefftext,label\na,pos\nb,neg\n"),  # a byte order mark before the header
+    ("ids.csv", "text,label\na,1\nb,0\nc,2.0\n"),
 ])
 def test_good_dataset_files_pass(tmp_path, name, content):
     check_dataset_file(write(tmp_path / name, content), None, "text", "label", "utf-8")

@@ -34,13 +34,17 @@ def test_labels_map_to_ids_in_sorted_order():
     assert label_ids([3, 1, 3]) == ([1, 0, 1], ["1", "3"])
 
 
-@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl", "parquet"])
+@pytest.mark.parametrize("fmt", ["csv", "csv with a byte order mark", "json", "jsonl", "json lines in .json", "parquet"])
 def test_a_users_own_file_becomes_a_task_with_its_label_names(tmp_path, fmt):
-    path = tmp_path / f"reviews.{fmt}"
+    path = tmp_path / ("reviews." + {"csv with a byte order mark": "csv", "json lines in .json": "json"}.get(fmt, fmt))
     table = reviews()
-    {"csv": lambda: table.to_csv(path, index=False), "json": lambda: table.to_json(path, orient="records"),
-     "jsonl": lambda: table.to_json(path, orient="records", lines=True), "parquet": lambda: table.to_parquet(path)}[fmt]()
-    dcfg = dataset(task="json" if fmt == "jsonl" else fmt, path=str(path))
+    {"csv": lambda: table.to_csv(path, index=False),
+     "csv with a byte order mark": lambda: table.to_csv(path, index=False, encoding="utf-8-sig"),
+     "json": lambda: table.to_json(path, orient="records"),
+     "jsonl": lambda: table.to_json(path, orient="records", lines=True),
+     "json lines in .json": lambda: table.to_json(path, orient="records", lines=True),
+     "parquet": lambda: table.to_parquet(path)}[fmt]()
+    dcfg = dataset(task=path.suffix.lstrip(".").replace("jsonl", "json"), path=str(path))
     check_task(dcfg)
     task = load_task(dcfg, seed=0)
     assert task.label_names == ["bad", "good", "meh"]

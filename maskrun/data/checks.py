@@ -1,8 +1,8 @@
 """Checks of a user's dataset file (CSV, JSON / JSON Lines, Parquet) before any work starts.
 
 `check_dataset_file` reads the file once and raises ConfigError saying what is wrong and how to fix
-it: missing or empty file, unparsable content, wrong encoding, absent columns, a single class, or
-labels that are neither all ints nor all strings.
+it: missing or empty file, unparsable content, wrong encoding, absent columns, empty texts, a single
+class, or labels that are neither all ints nor all strings (or are fractional numbers).
 """
 
 import codecs
@@ -66,6 +66,8 @@ def read_rows(path: Path, format: str, encoding: str) -> list[dict]:
 
 
 def read_csv(path: Path, encoding: str) -> list[dict]:
+    if codecs.lookup(encoding).name == "utf-8":
+        encoding = "utf-8-sig"  # a byte order mark, as spreadsheet exports write, is not part of the first column's name
     with path.open(encoding=encoding, newline="") as f:
         try:
             lines = list(csv.reader(f, strict=True))
@@ -122,6 +124,9 @@ def check_texts(path: Path, rows: list[dict], text_column: str) -> None:
         if not isinstance(row[text_column], str):
             raise ConfigError(f"dataset.path={path} record {number}: text {row[text_column]!r} is not a string",
                               f"make column {text_column!r} hold text")
+        if not row[text_column].strip():
+            raise ConfigError(f"dataset.path={path} record {number} has an empty text",
+                              f"fill in column {text_column!r} or drop the record")
 
 
 def check_labels(path: Path, rows: list[dict], label_column: str) -> None:
@@ -133,9 +138,20 @@ def check_labels(path: Path, rows: list[dict], label_column: str) -> None:
     if len({type(label) for label in labels}) > 1:
         raise ConfigError(f"dataset.path={path}: labels in column {label_column!r} mix ints and strings",
                           "use either class names or class ids throughout")
+    fractional = [label for label in labels if isinstance(label, str) and is_fractional_number(label)]
+    if fractional:  # e.g. a regression target: as class names, every distinct value would be a class
+        raise ConfigError(f"dataset.path={path}: label {fractional[0]!r} in column {label_column!r} is a fractional number",
+                          "a classification task needs class names or whole-number class ids")
     if "" in labels:
         number = labels.index("") + 1
         raise ConfigError(f"dataset.path={path} record {number} has an empty label", f"fill in column {label_column!r}")
     if len(set(labels)) < 2:
         raise ConfigError(f"dataset.path={path} has one class only ({labels[0]!r})",
                           "a classification task needs at least two labels")
+
+
+def is_fractional_number(text: str) -> bool:
+    try:
+        return not float(text).is_integer()
+    except ValueError:
+        return False

@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maskrun.data.checks import read_json
 from maskrun.data.packaged import packaged_file
 from maskrun.errors import ConfigError
 
@@ -67,8 +68,8 @@ def read_table(dcfg, columns: list[str] | None = None):
     try:
         if dcfg.task == "csv":
             return pd.read_csv(path, encoding=dcfg.encoding, usecols=columns)
-        if dcfg.task == "json":
-            table = pd.read_json(path, encoding=dcfg.encoding, lines=path.suffix == ".jsonl")
+        if dcfg.task == "json":  # JSON or JSON Lines, whatever the suffix, parsed as the checks parse it
+            table = pd.DataFrame(read_json(path, dcfg.encoding))
             return table if columns is None else table[columns]
         return pd.read_parquet(path, columns=columns)
     except (OSError, ValueError, UnicodeDecodeError, LookupError, ImportError) as err:
