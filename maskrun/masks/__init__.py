@@ -1,9 +1,9 @@
 """Mask generation: which pretrained entries stay frozen during fine-tuning.
 
-The `mask` stage is cached: keyed by the pretrained checkpoint, the scores it was built from and
-the mask settings, so the same mask is never selected twice. A strategy turns scores into a mask; a new strategy is one module here (with `build`, and the
-`NEEDS_SCORES`, `ALLOCATIONS`, `GRANULARITIES` it supports), one YAML in conf/mask/, and one line
-in STRATEGIES.
+The `mask` stage is cached, keyed by the pretrained checkpoint, the scores it was built from and
+the mask settings. A strategy turns scores into a mask; a new strategy is one module here (with
+`build`, and the `NEEDS_SCORES`, `ALLOCATIONS`, `GRANULARITIES` it supports), one YAML in
+conf/mask/, and one line in STRATEGIES.
 """
 
 import re
