@@ -2,9 +2,10 @@
 
 A finished job is never computed twice. Its run dir is reused when it already holds an ok
 metrics.json with the same config hash (rerunning a sweep with the same `hydra.sweep.dir` redoes
-only what is missing); otherwise the `result` stage of the cache, keyed by the same settings,
-holds the run's results for any other run dir (another sweep, a later command). A failed job
-publishes no result, so it is computed again next time.
+only what is missing); otherwise the `result` stage of the cache, keyed by the same settings and
+the versions of maskrun (its commit), torch and transformers, holds the run's results for any other
+run dir (another sweep, a later command). A failed job publishes no result, so it is computed
+again next time.
 """
 
 import json
@@ -85,7 +86,9 @@ def run_job(cfg: DictConfig) -> str:
     metrics = new_metrics(cfg, config_hash)
     cache = Cache(cfg.cache_dir)
     try:
-        entry, status = cache.fetch("result", settings(cfg), lambda out: compute(cfg, cache, run_dir, metrics, out))
+        # Keyed by the code too: a result is only reused by the maskrun commit and libraries that computed it.
+        result_inputs = {"settings": settings(cfg), "versions": metrics["versions"]}
+        entry, status = cache.fetch("result", result_inputs, lambda out: compute(cfg, cache, run_dir, metrics, out))
         if status == "hit":
             metrics = restore(entry, run_dir, metrics)
             console.print(f"maskrun: reused the cached result {entry}")

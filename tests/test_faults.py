@@ -1,4 +1,5 @@
-"""A NaN or infinite loss stops the job with status failed; its stage publishes nothing, and no result is cached.
+"""A NaN or infinite loss stops the job with status failed; its stage publishes nothing, and no result is
+cached. A cached result is reused only by the code that computed it.
 
 (Jobs killed mid-stage and rerun: test_determinism.py. Damaged cache entries, killed cache writers
 and concurrent jobs: test_cache.py.)
@@ -13,7 +14,20 @@ from hydra.types import RunMode
 from omegaconf import open_dict
 
 from maskrun.cache import entry_problem
+from maskrun import job
 from maskrun.job import run_job
+
+
+def job_config(tmp_path, overrides: list[str], run_dir):
+    """The composed config of a single run in `run_dir`, as Hydra hands it to the job."""
+    with initialize_config_module("maskrun.conf", version_base="1.3"):
+        cfg = compose("config", ["experiment=smoke", f"cache_dir={tmp_path / 'cache'}", *overrides],
+                      return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.mode = RunMode.RUN
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 @pytest.mark.parametrize("overrides, stage, published", [
@@ -21,13 +35,7 @@ from maskrun.job import run_job
     (["pretrain.steps=0", "finetune.lr=1e30"], "fine-tuning", ["mask", "pretrain", "scores", "tokenizer"]),
 ])
 def test_a_nan_loss_fails_the_job(tmp_path, overrides, stage, published):
-    with initialize_config_module("maskrun.conf", version_base="1.3"):
-        cfg = compose("config", ["experiment=smoke", f"cache_dir={tmp_path / 'cache'}", *overrides],
-                      return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.mode = RunMode.RUN
-    HydraConfig.instance().set_config(cfg)
+    cfg = job_config(tmp_path, overrides, tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         run_job(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -36,3 +44,15 @@ def test_a_nan_loss_fails_the_job(tmp_path, overrides, stage, published):
     entries = [p for p in (tmp_path / "cache").glob("*/*") if p.is_dir() and not p.name.startswith(".")]
     assert sorted(p.parent.name for p in entries) == published  # a failed stage publishes nothing
     assert all(entry_problem(p) is None for p in entries)
+
+
+def test_a_cached_result_is_reused_only_by_the_code_that_computed_it(tmp_path, monkeypatch):
+    overrides = ["pretrain.steps=2", "finetune.epochs=1", "dataset.max_examples=120"]
+    statuses = {}
+    for name, maskrun_version in (("first", "1.0"), ("same_code", "1.0"), ("new_code", "1.1")):
+        monkeypatch.setattr(job, "versions", lambda v=maskrun_version: {"maskrun": v, "torch": "t", "transformers": "x",
+                                                                        "git_commit": None})
+        (tmp_path / name).mkdir()
+        assert run_job(job_config(tmp_path, overrides, tmp_path / name)) == "ok"
+        statuses[name] = json.loads((tmp_path / name / "metrics.json").read_text())["cache"]["result"]
+    assert statuses == {"first": "miss", "same_code": "hit", "new_code": "miss"}
