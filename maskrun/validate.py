@@ -21,7 +21,6 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from maskrun.data.checks import check_dataset_file
 from maskrun.data.corpus import check_corpus, load_corpus
 from maskrun.data.packaged import packaged_file
 from maskrun.data.tasks import check_task, load_task
@@ -262,8 +261,6 @@ def check_training(cfg: DictConfig) -> None:
 
 
 def check_mask(mask: DictConfig) -> None:
-    from maskrun.masks import STRATEGIES  # imports torch: kept off the --cfg / --info path
-
     if not is_number(mask.ratio) or not 0.0 <= mask.ratio <= 1.0:
         raise ConfigError(f"mask.ratio={mask.ratio!r} is not a number in [0, 1]",
                           "0 trains every entry, 1 freezes every eligible entry; e.g. mask.ratio=0.5")
@@ -313,11 +310,7 @@ def check_finetune_recipe(fcfg: DictConfig, ocfg: DictConfig) -> None:
 
 
 def check_dataset(dataset: DictConfig) -> None:
-    if dataset.get("path"):
-        file_format = dataset.task if dataset.task in ("csv", "json", "parquet") else dataset.get("format")
-        check_dataset_file(dataset.path, file_format, dataset.get("text_column", "text"),
-                           dataset.get("label_column", "label"), dataset.get("encoding", "utf-8"))
-    check_task(dataset)
+    check_task(dataset)  # a user's file: check_dataset_file
     check_corpus(dataset)
     if dataset.get("train_size") is not None:
         positive_int(dataset.train_size, "dataset.train_size")

@@ -1,7 +1,6 @@
 """Real sweeps through the `maskrun -m` command: parallel jobs share stages, lease devices, resume, isolate failures."""
 
 import csv
-import json
 from pathlib import Path
 
 import pytest

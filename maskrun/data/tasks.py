@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maskrun.data.checks import read_json
+from maskrun.data.checks import check_dataset_file, read_json
 from maskrun.data.packaged import packaged_file
 from maskrun.errors import ConfigError
 
@@ -74,7 +74,7 @@ def read_table(dcfg, columns: list[str] | None = None):
         return pd.read_parquet(path, columns=columns)
     except (OSError, ValueError, UnicodeDecodeError, LookupError, ImportError) as err:
         raise ConfigError(f"cannot read dataset.path={path} as {dcfg.task}: {' '.join(str(err).split())[:200]}",
-                          f"check the file, dataset.encoding and the dataset=<format> choice") from None
+                          "check the file, dataset.encoding and the dataset=<format> choice") from None
 
 
 def _local_file(dcfg) -> tuple[list[str], list]:
@@ -108,39 +108,10 @@ def check_task(dcfg) -> None:
     elif dcfg.task == "hub":
         if not dcfg.get("hub_name"):
             raise ConfigError("dataset=hub needs dataset.hub_name", "e.g. dataset.hub_name=imdb")
+    elif not dcfg.get("path"):
+        raise ConfigError(f"dataset={dcfg.task} needs dataset.path", f"point it at your {dcfg.task} file")
     else:
-        check_local_file(dcfg)
-
-
-def check_local_file(dcfg) -> None:
-    if not dcfg.get("path") or not Path(dcfg.path).is_file():
-        raise ConfigError(f"dataset.path={dcfg.get('path')!r} is not a file", f"point dataset.path at your {dcfg.task} file")
-    header = read_header(dcfg)
-    for key in ("text_column", "label_column"):
-        if dcfg[key] not in header:
-            raise ConfigError(f"dataset.{key}={dcfg[key]!r} is not a column of {dcfg.path}",
-                              f"choose one of: {', '.join(map(str, header))}")
-    classes = set(read_table(dcfg, [dcfg.label_column])[dcfg.label_column].dropna())
-    if len(classes) < 2:
-        raise ConfigError(f"{dcfg.path} has {len(classes)} class(es) in column {dcfg.label_column!r}",
-                          "a classification task needs at least 2 labels")
-
-
-def read_header(dcfg) -> list[str]:
-    """The column names of a user's file, reading as little of it as the format allows."""
-    if dcfg.task == "json":
-        return list(read_table(dcfg).columns)
-    try:
-        if dcfg.task == "parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_schema(dcfg.path).names
-        import pandas as pd
-
-        return list(pd.read_csv(dcfg.path, encoding=dcfg.encoding, nrows=0).columns)
-    except Exception as err:  # pandas and pyarrow raise many types for an unreadable file
-        raise ConfigError(f"cannot read dataset.path={dcfg.path} as {dcfg.task}: {' '.join(str(err).split())[:200]}",
-                          "check the file, dataset.encoding and the dataset=<format> choice") from None
+        check_dataset_file(dcfg.path, dcfg.task, dcfg.text_column, dcfg.label_column, dcfg.encoding)
 
 
 def deduplicate(texts: list[str], labels: list) -> tuple[list[str], list, int]:
