@@ -33,6 +33,10 @@ def workdir(tmp_path, monkeypatch) -> Path:
     cache.close()
     (tmp_path / "a_file").write_text("not a directory")
     (tmp_path / "an_empty_dir").mkdir()
+    rows = {"text": [f"review number {i}" for i in range(60)], "label": ["good", "bad"] * 30}
+    write_parquet(tmp_path / "reviews.parquet", rows)
+    write(tmp_path / "reviews.jsonl.json", "\n".join(json.dumps({"text": t, "label": y})
+                                                    for t, y in zip(rows["text"], rows["label"])))
     (tmp_path / "presets" / "experiment").mkdir(parents=True)
     (tmp_path / "presets" / "experiment" / "bad_sweep.yaml").write_text(
         "# @package _global_\nhydra:\n  sweeper:\n    params:\n      mask.ratio: 0.3,1.5\n")
@@ -226,6 +230,8 @@ def test_maskrun_report_refuses_a_dir_that_is_no_run_or_sweep(tmp_path, capsys):
     ["++seed=3", "+hydra.job.env_set.TOKENIZERS_PARALLELISM=false"],
     ["optimizer=sgd", "++optimizer.momentum=0.5", "mask.include=[encoder]"],
     ["experiment=smoke", "dataset.max_examples=12", "device=cpu", "cache_dir=new/cache/dir"],
+    ["experiment=smoke", "dataset=parquet", "dataset.path=reviews.parquet"],
+    ["experiment=smoke", "dataset=json", "dataset.path=reviews.jsonl.json"],  # JSON Lines under .json
 ])
 def test_good_command_lines_pass_and_write_nothing(workdir, argv):
     before = snapshot(workdir)

@@ -111,7 +111,7 @@ def check_task(dcfg) -> None:
     elif not dcfg.get("path"):
         raise ConfigError(f"dataset={dcfg.task} needs dataset.path", f"point it at your {dcfg.task} file")
     else:
-        check_dataset_file(dcfg.path, dcfg.task, dcfg.text_column, dcfg.label_column, dcfg.encoding)
+        check_dataset_file(dcfg.path, dcfg.task, dcfg.text_column, dcfg.label_column, dcfg.get("encoding", "utf-8"))
 
 
 def deduplicate(texts: list[str], labels: list) -> tuple[list[str], list, int]:
