@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+from maskrun import stages
 from maskrun.cache import Cache
 from maskrun.evaluate import classify
 from maskrun.finetune import finetune
@@ -19,9 +19,6 @@ from maskrun.models import init_task_model
 def scratch_control(cache: Cache, cfg, pretrained_dir: Path, tokenizer_dir: Path, tokenizer, task,
                     device: torch.device) -> tuple[dict, str]:
     """The scratch control's test metrics, and "hit" or "miss" in the cache."""
-    inputs = {"tokenizer": tokenizer_dir.name, "seed": cfg.seed,
-              **{section: OmegaConf.to_container(cfg[section], resolve=True)
-                 for section in ("model", "dataset", "finetune", "optimizer")}}
 
     def build(out: Path) -> None:
         model = init_task_model(pretrained_dir, task.num_labels, cfg.seed).to(device)
@@ -29,7 +26,7 @@ def scratch_control(cache: Cache, cfg, pretrained_dir: Path, tokenizer_dir: Path
         test = classify(model, tokenizer, task.test, cfg.finetune.max_length, device, cfg.eval.batch_size)
         (out / "result.json").write_text(json.dumps({"test": test}))
 
-    entry, hit = cache.fetch("scratch", inputs, build)
+    entry, hit = cache.fetch("scratch", stages.scratch(cfg, tokenizer_dir), build)
     return json.loads((entry / "result.json").read_text()), hit
 
 

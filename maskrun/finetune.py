@@ -14,19 +14,12 @@ import math
 import torch
 from transformers import get_scheduler
 
+from maskrun.batching import collate, encode
 from maskrun.evaluate import classify
 from maskrun.optim import MaskedOptimizer
 from maskrun.progress import StageProgress
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-
-
-def collate(tokenizer, ids: list[list[int]]) -> dict[str, torch.Tensor]:
-    return dict(tokenizer.pad({"input_ids": ids}, return_tensors="pt"))
 
 
 def mask_inputs(input_ids: torch.Tensor, tokenizer, prob: float, generator: torch.Generator) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """One Hydra job: run the pipeline, record metrics.json whatever happens, write the run report.
 
-A finished job is never computed twice. Its run dir is reused when it already holds an ok
-metrics.json with the same config hash (rerunning a sweep with the same `hydra.sweep.dir` redoes
-only what is missing); otherwise the `result` stage of the cache, keyed by the same settings and
-the versions of maskrun (its commit), torch and transformers, holds the run's results for any other
-run dir (another sweep, a later command). A failed job publishes no result, so it is computed
-again next time.
+A finished job is never computed twice by the same code. Its run dir is reused when it already
+holds an ok metrics.json with the same config hash (rerunning a sweep with the same
+`hydra.sweep.dir` redoes only what is missing); otherwise the `result` stage of the cache holds the
+run's results for any other run dir (another sweep, a later command). Both are keyed by the
+result stage's inputs (maskrun.stages.result): the settings, the libraries' versions and a
+fingerprint of the maskrun source, so an edit, committed or not, recomputes. A failed job
+publishes no result, so it is computed again next time.
 """
 
 import json
@@ -17,8 +18,9 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from maskrun import stages
 from maskrun.cache import Cache, cache_key
 from maskrun.devices import gpu_lease
 from maskrun.progress import console
@@ -34,14 +36,9 @@ class JobFailed(Exception):
     """The job ended with status failed (recorded in its metrics.json): nothing to publish."""
 
 
-def settings(cfg: DictConfig) -> dict:
-    """Everything that decides a job's results (where the cache lives does not)."""
-    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "cache_dir")]),
-                                  resolve=True)
-
-
 def hash_config(cfg: DictConfig) -> str:
-    return cache_key("run", settings(cfg))
+    """The key of the job's result: its settings, and the code and libraries that compute it."""
+    return cache_key("result", stages.result(cfg))
 
 
 def finished_before(run_dir: Path, expected_hash: str) -> bool:
@@ -86,9 +83,7 @@ def run_job(cfg: DictConfig) -> str:
     metrics = new_metrics(cfg, config_hash)
     cache = Cache(cfg.cache_dir)
     try:
-        # Keyed by the code too: a result is only reused by the maskrun commit and libraries that computed it.
-        result_inputs = {"settings": settings(cfg), "versions": metrics["versions"]}
-        entry, status = cache.fetch("result", result_inputs, lambda out: compute(cfg, cache, run_dir, metrics, out))
+        entry, status = cache.fetch("result", stages.result(cfg), lambda out: compute(cfg, cache, run_dir, metrics, out))
         if status == "hit":
             metrics = restore(entry, run_dir, metrics)
             console.print(f"maskrun: reused the cached result {entry}")

@@ -7,20 +7,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from maskrun import stages
 from maskrun.cache import Cache
 from maskrun.controls import run_controls
 from maskrun.data import load_corpus, load_task
-from maskrun.data.corpus import corpus_spec
-from maskrun.data.tokenizer import prepare_tokenizer, tokenizer_spec
+from maskrun.data.tokenizer import prepare_tokenizer
 from maskrun.devices import resolve_device
 from maskrun.evaluate import classify, interference
 from maskrun.finetune import finetune
 from maskrun.masks import MASK_FILE, cached_mask, eligible_parameters, mask_summary, needs_scores
-from maskrun.masks.scores import cached_scores
+from maskrun.masks.scores import compute_scores, read_scores, write_scores
 from maskrun.models import load_task_model, pretrained_names, pretrained_source
 from maskrun.pretrain import pretrain, pretraining_objective
 from maskrun.sequential import fine_tune_next
@@ -37,27 +36,30 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
 
     with stage_timer(timing, "tokenizer"):
         tokenizer_dir, hits["tokenizer"] = cache.fetch(
-            "tokenizer", tokenizer_spec(cfg.model, cfg.dataset),
+            "tokenizer", stages.tokenizer(cfg),
             lambda out: prepare_tokenizer(pretrained_source(cfg.model), corpus.train, cfg.model.get("vocab_size"), out))
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     with stage_timer(timing, "pretrain"):
-        pretrain_inputs = {"tokenizer": tokenizer_dir.name, "model": plain(cfg.model), "pretrain": plain(cfg.pretrain),
-                           "corpus": corpus_spec(cfg.dataset), "seed": cfg.seed}
         pretrained_dir, hits["pretrain"] = cache.fetch(
-            "pretrain", pretrain_inputs,
+            "pretrain", stages.pretrain(cfg, tokenizer_dir),
             lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed))
         metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": MASK_FILE, "finetuned": None}
 
     with stage_timer(timing, "scores"):
-        scores, hits["scores"] = (cached_scores(cache, cfg, pretrained_dir, task, tokenizer, device)
-                                  if needs_scores(cfg.mask) else (None, "skipped"))
+        scores_dir, hits["scores"] = None, "skipped"
+        if needs_scores(cfg.mask):
+            scores_dir, hits["scores"] = cache.fetch(
+                "scores", stages.scores(cfg, pretrained_dir),
+                lambda out: write_scores(compute_scores(cfg.mask, pretrained_dir, task, tokenizer,
+                                                        cfg.finetune.max_length, device, cfg.seed), out))
+        scores = read_scores(scores_dir) if scores_dir else None
 
     with stage_timer(timing, "mask"):
         torch.manual_seed(cfg.seed)  # the new head's initialisation must not depend on which stages were cache hits
         model = load_task_model(pretrained_dir, task.num_labels).to(device)
         params = eligible_parameters(model, pretrained_names(pretrained_dir), cfg.mask.include, cfg.mask.exclude)
-        mask_file, hits["mask"] = cached_mask(cache, cfg, params, scores, pretrained_dir)
+        mask_file, hits["mask"] = cached_mask(cache, stages.mask(cfg, pretrained_dir, scores_dir), cfg, params, scores)
         shutil.copyfile(mask_file, run_dir / MASK_FILE)
         frozen = load_file(run_dir / MASK_FILE)
         metrics["mask"] = mask_summary(cfg.mask, frozen)
@@ -91,10 +93,6 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
     if cfg.sequential.dataset:
         with stage_timer(timing, "sequential"):
             metrics["sequential"] = fine_tune_next(model, task, frozen, pretrained_dir, tokenizer, cfg, device, run_dir)
-
-
-def plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True)
 
 
 @contextmanager

@@ -23,5 +23,8 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict:
+    """`source` fingerprints the maskrun code a job runs (maskrun.stages): it changes with any edit, committed or not."""
+    from maskrun.stages import STAGE_CODE, code_fingerprint
+
     return {"maskrun": maskrun.__version__, "torch": version("torch"), "transformers": version("transformers"),
-            "git_commit": git_commit()}
+            "git_commit": git_commit(), "source": code_fingerprint(STAGE_CODE["result"])}

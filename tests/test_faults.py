@@ -1,8 +1,8 @@
 """A NaN or infinite loss stops the job with status failed; its stage publishes nothing, and no result is
-cached. A cached result is reused only by the code that computed it.
+cached.
 
 (Jobs killed mid-stage and rerun: test_determinism.py. Damaged cache entries, killed cache writers
-and concurrent jobs: test_cache.py.)
+and concurrent jobs: test_cache.py. Results reused only by the code that computed them: test_stage_keys.py.)
 """
 
 import json
@@ -14,7 +14,6 @@ from hydra.types import RunMode
 from omegaconf import open_dict
 
 from maskrun.cache import entry_problem
-from maskrun import job
 from maskrun.job import run_job
 
 
@@ -44,15 +43,3 @@ def test_a_nan_loss_fails_the_job(tmp_path, overrides, stage, published):
     entries = [p for p in (tmp_path / "cache").glob("*/*") if p.is_dir() and not p.name.startswith(".")]
     assert sorted(p.parent.name for p in entries) == published  # a failed stage publishes nothing
     assert all(entry_problem(p) is None for p in entries)
-
-
-def test_a_cached_result_is_reused_only_by_the_code_that_computed_it(tmp_path, monkeypatch):
-    overrides = ["pretrain.steps=2", "finetune.epochs=1", "dataset.max_examples=120"]
-    statuses = {}
-    for name, maskrun_version in (("first", "1.0"), ("same_code", "1.0"), ("new_code", "1.1")):
-        monkeypatch.setattr(job, "versions", lambda v=maskrun_version: {"maskrun": v, "torch": "t", "transformers": "x",
-                                                                        "git_commit": None})
-        (tmp_path / name).mkdir()
-        assert run_job(job_config(tmp_path, overrides, tmp_path / name)) == "ok"
-        statuses[name] = json.loads((tmp_path / name / "metrics.json").read_text())["cache"]["result"]
-    assert statuses == {"first": "miss", "same_code": "hit", "new_code": "miss"}

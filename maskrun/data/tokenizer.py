@@ -1,7 +1,7 @@
 """The tokenizer: a pretrained model's own, or a WordPiece tokenizer trained on the pretraining corpus.
 
-Models built from scratch (BERT- and GPT-2-style alike) share the trained WordPiece tokenizer, so its
-cache key is the corpus and vocabulary size; a pretrained model's tokenizer is keyed by the model.
+Models built from scratch (BERT- and GPT-2-style alike) share the trained WordPiece tokenizer (its cache key:
+maskrun.stages.tokenizer).
 """
 
 import json
@@ -9,8 +9,6 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-from maskrun.data.corpus import corpus_spec
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -27,13 +25,6 @@ def continuing_pieces(tokenizer: Tokenizer, texts: list[str]) -> list[str]:
         for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text)):
             inner.update(word[1:])
     return ["##" + c for c in sorted(inner)]
-
-
-def tokenizer_spec(mcfg, dcfg) -> dict:
-    """What the tokenizer depends on, for its cache key."""
-    if mcfg.get("packaged") or mcfg.get("name_or_path"):
-        return {"pretrained": mcfg.get("packaged") or mcfg.name_or_path}
-    return {"corpus": corpus_spec(dcfg), "vocab_size": mcfg.vocab_size}
 
 
 def prepare_tokenizer(source: str | None, texts: list[str], vocab_size: int, out_dir: Path) -> None:

@@ -10,11 +10,9 @@ import re
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from maskrun.masks import importance, layers, none, random, similarity
-from maskrun.masks.scores import score_inputs
 
 MASK_FILE = "mask.safetensors"
 
@@ -50,11 +48,9 @@ def build_mask(mcfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Te
     return STRATEGIES[mcfg.strategy].build(mcfg, params, scores, seed)
 
 
-def cached_mask(cache, cfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Tensor] | None,
-                pretrained_dir: Path) -> tuple[Path, str]:
+def cached_mask(cache, inputs: dict, cfg, params: dict[str, torch.Tensor],
+                scores: dict[str, torch.Tensor] | None) -> tuple[Path, str]:
     """The mask file of the cached `mask` stage, and "hit" or "miss"."""
-    inputs = {"pretrained": Path(pretrained_dir).name, "mask": OmegaConf.to_container(cfg.mask, resolve=True),
-              "seed": cfg.seed, "scores": score_inputs(cfg, pretrained_dir) if needs_scores(cfg.mask) else None}
     entry, status = cache.fetch("mask", inputs,
                                 lambda out: save_mask(build_mask(cfg.mask, params, scores, cfg.seed), out / MASK_FILE))
     return entry / MASK_FILE, status

@@ -1,4 +1,4 @@
-"""Per-entry importance scores of the pretrained parameters: the cached `scores` stage.
+"""Per-entry importance scores of the pretrained parameters: what the cached `scores` stage computes.
 
     magnitude  |W|
     gradient   |g|          g = gradient of the mean task loss over the calibration batches
@@ -15,33 +15,23 @@ Scores cover every pretrained tensor, so changing mask.include/exclude reuses th
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
+
+from maskrun.batching import collate, encode
 
 SCORES = ("magnitude", "gradient", "taylor", "fisher")
 FISHER = ("per_example", "batch")
 
 
-def cached_scores(cache, cfg, pretrained_dir: Path, task, tokenizer, device: torch.device):
-    """The scores of every pretrained tensor and the cache status ("hit" or "miss")."""
-    def build(out: Path) -> None:
-        scores = compute_scores(cfg.mask, pretrained_dir, task, tokenizer, cfg.finetune.max_length, device, cfg.seed)
-        save_file({name: s.contiguous() for name, s in scores.items()}, out / "scores.safetensors")
-
-    entry, status = cache.fetch("scores", score_inputs(cfg, pretrained_dir), build)
-    return load_file(entry / "scores.safetensors"), status
+SCORES_FILE = "scores.safetensors"
 
 
-def score_inputs(cfg, pretrained_dir: Path) -> dict:
-    """Exactly what the scores depend on: not the ratio, strategy or allocation, so a sweep over those scores once."""
-    inputs = {"pretrained": Path(pretrained_dir).name, "score": cfg.mask.score}
-    if cfg.mask.score != "magnitude":
-        inputs |= {"task": OmegaConf.to_container(cfg.dataset, resolve=True), "max_length": cfg.finetune.max_length,
-                   "calib_batches": cfg.mask.calib_batches, "calib_batch_size": cfg.mask.calib_batch_size,
-                   "seed": cfg.seed}
-    if cfg.mask.score == "fisher":
-        inputs["fisher"] = cfg.mask.fisher
-    return inputs
+def write_scores(scores: dict[str, torch.Tensor], out_dir: Path) -> None:
+    save_file({name: s.contiguous() for name, s in scores.items()}, Path(out_dir) / SCORES_FILE)
+
+
+def read_scores(entry: Path) -> dict[str, torch.Tensor]:
+    return load_file(Path(entry) / SCORES_FILE)
 
 
 def compute_scores(mcfg, pretrained_dir: Path, task, tokenizer, max_length: int, device: torch.device,
@@ -83,8 +73,6 @@ def model_scores(mcfg, model, names: set[str], task, tokenizer, max_length: int,
 def mean_gradients(model, params: dict[str, torch.Tensor], batches: list[list[int]], split, tokenizer, max_length: int,
                    squared: bool) -> dict[str, torch.Tensor]:
     """Mean over the batches of each batch's loss gradient (or of its square)."""
-    from maskrun.finetune import collate, encode
-
     device = next(model.parameters()).device
     total = {name: torch.zeros_like(p) for name, p in params.items()}
     for rows in batches:

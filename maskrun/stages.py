@@ -1,0 +1,139 @@
+"""What each cached stage depends on, declared once: the settings it reads, the entries it builds on, the code it runs.
+
+A stage's cache key is the hash of its inputs (cache.cache_key). Besides its settings and upstream
+entries, every stage's inputs hold
+
+- `code`: a fingerprint of the maskrun source the stage runs: its modules and every maskrun module
+  they import, read from the files themselves (committed or not). An edit recomputes from the first
+  stage whose code it touches, and every stage downstream of it, since their keys hold its entry.
+- `libraries`: the versions of the libraries whose numerics the artifacts depend on.
+
+Upstream entries are named by their directory (their own key), so a key never repeats the inputs
+of the stages it builds on.
+"""
+
+import ast
+import functools
+import hashlib
+from importlib.metadata import version
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+import maskrun
+from maskrun.data.corpus import corpus_spec
+
+PACKAGE_ROOT = Path(maskrun.__file__).resolve().parent
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors")
+
+# The modules each stage runs (the pipeline passes them the corpus and the task, so the data
+# modules that load those count too); their maskrun imports are followed.
+STAGE_CODE = {
+    "tokenizer": ("maskrun.data.tokenizer", "maskrun.data.corpus"),
+    "pretrain": ("maskrun.pretrain", "maskrun.data.corpus"),
+    "scores": ("maskrun.masks.scores", "maskrun.data.tasks"),
+    "mask": ("maskrun.masks",),
+    "scratch": ("maskrun.controls", "maskrun.data.tasks"),
+    "result": ("maskrun.job", "maskrun.pipeline"),
+}
+
+
+def plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def stage_inputs(stage: str, **declared) -> dict:
+    return {"code": code_fingerprint(STAGE_CODE[stage]), "libraries": library_versions(), **declared}
+
+
+def tokenizer(cfg) -> dict:
+    """A pretrained model's own tokenizer is keyed by the model; a trained one by its corpus and size."""
+    source = cfg.model.get("packaged") or cfg.model.get("name_or_path")
+    if source:
+        return stage_inputs("tokenizer", pretrained=source)
+    return stage_inputs("tokenizer", corpus=corpus_spec(cfg.dataset), vocab_size=cfg.model.vocab_size)
+
+
+def pretrain(cfg, tokenizer_dir: Path) -> dict:
+    return stage_inputs("pretrain", tokenizer=Path(tokenizer_dir).name, model=plain(cfg.model),
+                        pretrain=plain(cfg.pretrain), corpus=corpus_spec(cfg.dataset), seed=cfg.seed)
+
+
+def scores(cfg, pretrained_dir: Path) -> dict:
+    """Not the ratio, strategy or allocation: a sweep over those scores once. Magnitude needs no data."""
+    mcfg = cfg.mask
+    declared = {"pretrained": Path(pretrained_dir).name, "score": mcfg.score}
+    if mcfg.score != "magnitude":
+        declared |= {"task": plain(cfg.dataset), "max_length": cfg.finetune.max_length,
+                     "calib_batches": mcfg.calib_batches, "calib_batch_size": mcfg.calib_batch_size, "seed": cfg.seed}
+    if mcfg.score == "fisher":
+        declared["fisher"] = mcfg.fisher
+    return stage_inputs("scores", **declared)
+
+
+def mask(cfg, pretrained_dir: Path, scores_dir: Path | None) -> dict:
+    return stage_inputs("mask", pretrained=Path(pretrained_dir).name, scores=scores_dir and Path(scores_dir).name,
+                        mask=plain(cfg.mask), seed=cfg.seed)
+
+
+def scratch(cfg, tokenizer_dir: Path) -> dict:
+    """The control depends on everything that shapes the task model's training, but not on the mask."""
+    return stage_inputs("scratch", tokenizer=Path(tokenizer_dir).name, seed=cfg.seed,
+                        **{section: plain(cfg[section]) for section in ("model", "dataset", "finetune", "optimizer")})
+
+
+def result(cfg) -> dict:
+    """Everything that decides a job's results (where the cache lives does not)."""
+    return stage_inputs("result", settings=plain(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "cache_dir")])))
+
+
+@functools.cache
+def library_versions() -> dict:
+    return {name: version(name) for name in LIBRARIES}
+
+
+@functools.cache
+def code_fingerprint(modules: tuple[str, ...]) -> str:
+    """sha256 over the source of `modules` and of every maskrun module they import, directly or not."""
+    digest = hashlib.sha256()
+    for name in sorted(import_closure(modules)):
+        digest.update(name.encode() + b"\0" + module_file(name).read_bytes() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def import_closure(modules: tuple[str, ...]) -> set[str]:
+    seen, pending = set(), list(modules)
+    while pending:
+        name = pending.pop()
+        if name not in seen:
+            seen.add(name)
+            pending += maskrun_imports(name)
+    return seen
+
+
+def module_file(name: str) -> Path:
+    """The source file of maskrun module `name`: found on disk, never imported."""
+    parts = name.split(".")[1:]
+    base = PACKAGE_ROOT.joinpath(*parts)
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
+def is_maskrun_module(name: str) -> bool:
+    return name.split(".")[0] == "maskrun" and module_file(name).is_file()
+
+
+def maskrun_imports(name: str) -> list[str]:
+    """The maskrun modules that `name` imports anywhere in its source (also inside functions)."""
+    package = name if module_file(name).name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(module_file(name).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            found.append(base)
+            found += [f"{base}.{alias.name}" for alias in node.names]  # `from pkg import module`
+    return [module for module in found if is_maskrun_module(module)]
