@@ -55,10 +55,21 @@ def check_command_line(argv: list[str]) -> None:
         return
     from maskrun.validate import check_config, compose_jobs
 
-    for cfg in compose_jobs(CONFIG_MODULE, args.config_name or "config", args.overrides, args.multirun,
-                            args.config_dir):
-        if not (args.cfg or args.info):
-            check_config(cfg, args.multirun)
+    configs = compose_jobs(CONFIG_MODULE, args.config_name or "config", args.overrides, args.multirun, args.config_dir)
+    if args.cfg or args.info:
+        return
+    for cfg in configs:
+        check_config(cfg, args.multirun)
+    if args.multirun:
+        warn_about_sweep(configs)
+
+
+def warn_about_sweep(configs: list[DictConfig]) -> None:
+    """What a sweep that passed every check should still know before it starts: it runs anyway."""
+    from maskrun.validate import realized_share_warnings
+
+    for line in realized_share_warnings(configs):
+        print(f"maskrun: warning: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

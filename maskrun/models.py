@@ -79,18 +79,23 @@ def build_pretraining_model(mcfg, tokenizer: PreTrainedTokenizerBase) -> torch.n
     return model
 
 
-def backbone_names(mcfg) -> list[str]:
-    """The task model's backbone parameter names (what a mask can select), from the model config alone."""
+def backbone_shapes(mcfg) -> dict[str, torch.Size]:
+    """The task model's backbone parameters (what a mask can select) and their shapes, from the model config alone."""
     source = pretrained_source(mcfg)
-    # Names do not depend on the vocabulary: a stand-in of 8 tokens (pad 0, cls 1, sep 2) will do.
-    config = AutoConfig.from_pretrained(source) if source else scratch_config(mcfg, 8, 0, 1, 2)
+    # Built from scratch, the model gets the tokenizer trained to model.vocab_size; the special ids change no shape.
+    config = AutoConfig.from_pretrained(source) if source else scratch_config(mcfg, mcfg.vocab_size, 0, 1, 2)
     with torch.device("meta"):  # no weights are allocated
         task_model = AutoModelForSequenceClassification.from_config(config)
         # Built from scratch, the checkpoint holds what the pretraining model has (a BERT has no pooler there).
         pretraining = None if source else dict(OBJECTIVES[mcfg.objective].from_config(config).named_parameters())
     prefix = task_model.base_model_prefix + "."
-    return [name for name, _ in task_model.named_parameters()
-            if name.startswith(prefix) and (pretraining is None or name in pretraining)]
+    return {name: param.shape for name, param in task_model.named_parameters()
+            if name.startswith(prefix) and (pretraining is None or name in pretraining)}
+
+
+def backbone_names(mcfg) -> list[str]:
+    """The task model's backbone parameter names (what a mask can select), from the model config alone."""
+    return list(backbone_shapes(mcfg))
 
 
 def save_backbone(source: str, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import json
 import math
 import os
 import re
@@ -10,6 +11,7 @@ import tempfile
 from importlib.resources import files
 from pathlib import Path
 
+import torch
 from hydra import compose, version
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.hydra import Hydra
@@ -170,6 +172,78 @@ def check_launcher(launcher: DictConfig) -> None:
     if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
         raise ConfigError("hydra/launcher=slurm needs SLURM, and srun is not on this machine's PATH",
                           "submit from a SLURM login node, or try the same path here with hydra/launcher=submitit_local")
+
+
+def realized_share_warnings(configs: list[DictConfig]) -> list[str]:
+    """One line per group of a sweep's jobs (jobs that differ only in mask.ratio and seed) in which different
+    requested ratios realize the same frozen share. Only settings whose share the parameter shapes alone
+    decide are looked at; such a sweep still runs, but its repeated ratios train the same mask."""
+    groups: dict[str, list[DictConfig]] = {}
+    for cfg in configs:
+        if whole_units(cfg.mask):
+            groups.setdefault(setting_without_ratio(cfg), []).append(cfg)
+    common = set.intersection(*(set(cfg.hydra.overrides.task) for cfg in configs)) if configs else set()
+    lines = []
+    for jobs in groups.values():
+        ratios_by_share: dict[float, set[float]] = {}
+        for cfg in jobs:
+            share = realized_share(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.mask))
+            ratios_by_share.setdefault(share, set()).add(cfg.mask.ratio)
+        repeated = [f"mask.ratio={','.join(f'{r:g}' for r in sorted(ratios))} all realize a frozen share of {share:.3f}"
+                    for share, ratios in sorted(ratios_by_share.items()) if len(ratios) > 1]
+        if repeated:
+            lines.append(f"{group_label(jobs[0], common)}: {'; '.join(repeated)} ({whole_units(jobs[0].mask)})")
+    return lines
+
+
+def whole_units(mask: DictConfig) -> str | None:
+    """What the mask freezes as a whole where the parameter shapes alone decide its frozen share, else None.
+
+    mask=layers freezes the whole bottom layers that come closest to the ratio, and per_tensor allocation
+    at tensor granularity freezes each tensor entirely or not at all, whatever the scores. Elsewhere the
+    share follows the ratio to within an entry or a row, or depends on the scores.
+    """
+    if mask.strategy == "layers":
+        return "whole layers only"
+    if mask.allocation == "per_tensor" and mask.granularity == "tensor":
+        return "whole tensors only, each frozen entirely or not at all"
+    return None
+
+
+def setting_without_ratio(cfg: DictConfig) -> str:
+    """The job's config without mask.ratio, seed and Hydra's own settings: equal for the jobs of one group."""
+    setting = OmegaConf.to_container(cfg)  # unresolved: interpolations compare as written
+    for key in ("hydra", "seed"):
+        setting.pop(key, None)
+    setting["mask"].pop("ratio")
+    return json.dumps(setting, sort_keys=True)
+
+
+def group_label(cfg: DictConfig, common_overrides: set[str]) -> str:
+    """mask=<strategy> and the job's overrides, other than mask.ratio and seed, that not every job of the sweep has."""
+    own = [o for o in cfg.hydra.overrides.task
+           if o not in common_overrides and o.split("=", 1)[0].lstrip("+~") not in ("mask", "mask.ratio", "seed")]
+    return " ".join([f"mask={cfg.mask.strategy}", *own])
+
+
+@functools.lru_cache(maxsize=None)  # per model and mask setting: the seeds of a sweep share them
+def realized_share(model_yaml: str, mask_yaml: str) -> float:
+    """The frozen share the mask code realizes on this model, built on stand-ins of the parameters' shapes."""
+    from maskrun.masks import build_mask, mask_summary, selected
+
+    mask = OmegaConf.create(mask_yaml)
+    # A zero broadcast to a shape holds no memory. Where the shapes decide the share, the values of weights and
+    # scores, and the seed, change nothing: the stand-ins serve as both, and seed 0 as any seed.
+    stand_ins = {name: torch.zeros(()).expand(shape) for name, shape in backbone_shapes(model_yaml).items()
+                 if selected(name, mask.include, mask.exclude)}
+    return mask_summary(mask, build_mask(mask, stand_ins, stand_ins, 0))["ratio_actual"]
+
+
+@functools.lru_cache(maxsize=None)  # the jobs of a sweep share their model
+def backbone_shapes(model_yaml: str) -> dict[str, torch.Size]:
+    from maskrun import models
+
+    return models.backbone_shapes(OmegaConf.create(model_yaml))
 
 
 def check_top_level(cfg: DictConfig) -> None:

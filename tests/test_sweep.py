@@ -23,6 +23,16 @@ def job_metrics(sweep_dir: Path) -> list[dict]:
     return [load_metrics(sweep_dir / str(num)) for num in range(len(summary_rows(sweep_dir)))]
 
 
+def expected_plots(sweep_dir: Path) -> list[str]:
+    """Accuracy and forgetting vs the realized share; accuracy vs forgetting only where the jobs recorded
+    validation forgetting, on which its Pareto front is chosen."""
+    names = ["accuracy_vs_ratio", "forgetting_vs_ratio"]
+    if any(((m["interference"] or {}).get("validation") or {}).get("forgetting") is not None
+           for m in job_metrics(sweep_dir)):
+        names.append("accuracy_vs_forgetting")
+    return sorted(f"rotten_tomatoes_{name}.png" for name in names)
+
+
 @pytest.fixture(scope="session")
 def parallel_sweep(tmp_path_factory):
     """The joblib sweep on two declared GPUs with a fresh cache, the same command again, then in another sweep dir."""
@@ -73,7 +83,7 @@ def test_sweep_writes_its_report_and_shows_the_table(parallel_sweep):
     report = (sweep_dir / "report.md").read_text()
     assert "## Task rotten_tomatoes" in report
     assert "## Mask overlap" in report and "| 0.3 | importance/magnitude | random |" in report
-    assert len(list((sweep_dir / "plots").glob("*.png"))) == 3
+    assert sorted(p.name for p in (sweep_dir / "plots").glob("*.png")) == expected_plots(sweep_dir)
     assert "maskrun sweep · rotten_tomatoes" in parallel_sweep["first"].stderr
 
 
@@ -113,7 +123,8 @@ def test_maskrun_report_rebuilds_the_sweep_report(parallel_sweep):
     result = run_cli([str(sweep_dir)], sweep_dir, command=REPORT)
     assert result.returncode == 0, result.stderr
     assert (sweep_dir / "summary.csv").read_text() == expected
-    assert (sweep_dir / "report.md").exists() and len(list((sweep_dir / "plots").glob("*.png"))) == 3
+    assert (sweep_dir / "report.md").exists()
+    assert sorted(p.name for p in (sweep_dir / "plots").glob("*.png")) == expected_plots(sweep_dir)
 
 
 def test_a_diverging_job_is_a_failed_row_beside_the_others_on_submitit(tmp_path):
@@ -129,3 +140,20 @@ def test_a_diverging_job_is_a_failed_row_beside_the_others_on_submitit(tmp_path)
     assert "fine-tuning loss became nan" in (tmp_path / "sweep" / "report.md").read_text()
     assert "1 of 2 jobs failed" in result.stderr
     assert list((tmp_path / "sweep" / ".submitit").rglob("*_log.out"))  # logs under the sweep dir
+
+
+def test_a_sweep_names_ratios_that_realize_the_same_share_then_runs_and_reports_the_realized_share(tmp_path):
+    """mask=layers on the smoke model: 0.1 and 0.3 both freeze no layer; the warning comes before any job."""
+    sweep_dir = tmp_path / "sweep"
+    result = maskrun(["-m", *TINY, "mask=layers", "mask.ratio=0.1,0.3,0.9", f"cache_dir={tmp_path / 'cache'}",
+                      f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    realized = {m["mask"]["ratio"]: m["mask"]["ratio_actual"] for m in job_metrics(sweep_dir)}
+    assert realized[0.1] == realized[0.3] != realized[0.9]
+    warning = (f"maskrun: warning: mask=layers: mask.ratio=0.1,0.3 all realize a frozen share of {realized[0.1]:.3f} "
+               "(whole layers only)")
+    lines = result.stderr.splitlines()
+    assert lines[0] == warning and sum("warning" in line for line in lines) == 1  # once, before the first job
+    assert [row["status"] for row in summary_rows(sweep_dir)] == ["ok"] * 3
+    report = (sweep_dir / "report.md").read_text()
+    for ratio, share in realized.items():
+        assert f"| layers | {ratio:g} | {share:.3f} | – | 1 |" in report

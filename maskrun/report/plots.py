@@ -1,4 +1,8 @@
-"""Plots of a sweep, one task at a time: what masking costs in accuracy and what it saves in forgetting."""
+"""Plots of a sweep, one task at a time: what masking costs in accuracy and what it saves in forgetting.
+
+Each setting sits at the share of entries its masks actually froze (whole layers or whole tensors
+can realize much less or more than the requested ratio), labelled with the requested ratio.
+"""
 
 from pathlib import Path
 
@@ -8,56 +12,72 @@ matplotlib.use("Agg")  # files only, also on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-ACCURACY, FORGETTING = "task.test.accuracy", "interference.forgetting"
-LABELS = {ACCURACY: "test accuracy", FORGETTING: "forgetting (MLM loss after − before)"}
+REALIZED = "mask.ratio_actual"
+VALIDATION_ACCURACY, VALIDATION_FORGETTING = "task.validation.accuracy", "interference.validation.forgetting"
+TEST_ACCURACY, TEST_FORGETTING = "task.test.accuracy", "interference.forgetting"
+LABELS = {
+    VALIDATION_ACCURACY: "validation accuracy",
+    TEST_ACCURACY: "test accuracy",
+    VALIDATION_FORGETTING: "validation forgetting (pretraining loss after − before)",
+    TEST_FORGETTING: "test forgetting (pretraining loss after − before)",
+}
 
 
 def curves(table: pd.DataFrame):
-    """One curve per strategy (and per other swept setting), sorted by ratio."""
+    """One curve per strategy (and per other swept setting), in order of realized share."""
     for (strategy, setting), curve in table.groupby(["mask.strategy", "setting"], dropna=False):
-        yield f"{strategy} {setting}".strip(), curve.sort_values("mask.ratio")
+        yield f"{strategy} {setting}".strip(), curve.sort_values([f"{REALIZED} mean", "mask.ratio"])
 
 
-def metric_vs_ratio(table: pd.DataFrame, metric: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+def label_requested_ratios(ax, curve: pd.DataFrame, x: str, y: str) -> None:
+    """Each point's requested ratio beside it; settings that land on the same point share one label."""
+    for (px, py), points in curve.groupby([x, y], sort=False):
+        ax.annotate(",".join(f"{r:g}" for r in points["mask.ratio"]), (px, py), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+
+
+def draw_metric_vs_share(ax, table: pd.DataFrame, metric: str) -> None:
     for label, curve in curves(table):
-        ax.errorbar(curve["mask.ratio"], curve[f"{metric} mean"], yerr=curve[f"{metric} std"].fillna(0),
-                    marker="o", capsize=3, label=label)
-    ax.set(xlabel="mask ratio (fraction frozen)", ylabel=LABELS[metric], title=f"{LABELS[metric]} vs ratio")
+        ax.errorbar(curve[f"{REALIZED} mean"], curve[f"{metric} mean"], xerr=curve[f"{REALIZED} std"].fillna(0),
+                    yerr=curve[f"{metric} std"].fillna(0), marker="o", capsize=3, label=label)
+        label_requested_ratios(ax, curve, f"{REALIZED} mean", f"{metric} mean")
+    ax.set(xlabel="realized frozen share (labels: requested ratio)", ylabel=LABELS[metric],
+           title="per strategy, at the share its masks froze")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-def accuracy_vs_forgetting(table: pd.DataFrame, front: pd.Series, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+def draw_accuracy_vs_forgetting(ax, table: pd.DataFrame, front: pd.Series) -> None:
+    """On the validation metrics, where the front is chosen."""
+    x, y = f"{VALIDATION_FORGETTING} mean", f"{VALIDATION_ACCURACY} mean"
     for label, curve in curves(table):
-        ax.errorbar(curve[f"{FORGETTING} mean"], curve[f"{ACCURACY} mean"], xerr=curve[f"{FORGETTING} std"].fillna(0),
-                    yerr=curve[f"{ACCURACY} std"].fillna(0), fmt="o", capsize=3, label=label)
-        for _, row in curve.iterrows():
-            ax.annotate(f"{row['mask.ratio']:g}", (row[f"{FORGETTING} mean"], row[f"{ACCURACY} mean"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    best = table[front].sort_values(f"{FORGETTING} mean")
-    ax.plot(best[f"{FORGETTING} mean"], best[f"{ACCURACY} mean"], "k--", lw=1, marker="o", ms=12, mfc="none",
-            label="Pareto front")
-    ax.set(xlabel=LABELS[FORGETTING] + " (lower is better)", ylabel=LABELS[ACCURACY],
-           title="accuracy vs forgetting (labels: ratio)")
+        ax.errorbar(curve[x], curve[y], xerr=curve[f"{VALIDATION_FORGETTING} std"].fillna(0),
+                    yerr=curve[f"{VALIDATION_ACCURACY} std"].fillna(0), fmt="o", capsize=3, label=label)
+        label_requested_ratios(ax, curve, x, y)
+    best = table[front].sort_values(x)
+    ax.plot(best[x], best[y], "k--", lw=1, marker="o", ms=12, mfc="none", label="Pareto front")
+    ax.set(xlabel=LABELS[VALIDATION_FORGETTING] + ", lower is better", ylabel=LABELS[VALIDATION_ACCURACY],
+           title="accuracy vs forgetting (labels: requested ratio)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def sweep_plots(sweep_dir: Path, task: str, table: pd.DataFrame, front: pd.Series) -> list[str]:
     """Draws the task's plots into sweep_dir/plots; returns their paths relative to sweep_dir."""
     (sweep_dir / "plots").mkdir(exist_ok=True)
     drawn = []
-    for metric, name in ((ACCURACY, "accuracy_vs_ratio"), (FORGETTING, "forgetting_vs_ratio")):
+    for metric, name in ((TEST_ACCURACY, "accuracy_vs_ratio"), (TEST_FORGETTING, "forgetting_vs_ratio")):
         if table[f"{metric} mean"].notna().any():
-            drawn.append(f"plots/{task}_{name}.png")
-            metric_vs_ratio(table, metric, sweep_dir / drawn[-1])
-    if table[f"{FORGETTING} mean"].notna().any():
-        drawn.append(f"plots/{task}_accuracy_vs_forgetting.png")
-        accuracy_vs_forgetting(table, front, sweep_dir / drawn[-1])
+            drawn.append(save(sweep_dir, f"plots/{task}_{name}.png", draw_metric_vs_share, table, metric))
+    if front.any():
+        drawn.append(save(sweep_dir, f"plots/{task}_accuracy_vs_forgetting.png", draw_accuracy_vs_forgetting,
+                          table, front))
     return drawn
+
+
+def save(sweep_dir: Path, path: str, draw, *args) -> str:
+    """One figure drawn by draw(ax, *args), saved at sweep_dir/path; returns path."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    draw(ax, *args)
+    fig.tight_layout()
+    fig.savefig(sweep_dir / path, dpi=110)
+    plt.close(fig)
+    return path

@@ -16,15 +16,24 @@ from maskrun.masks.analytics import mask_overlap
 from maskrun.progress import console
 from maskrun.report import plots
 
-METRICS = {  # column of summary.csv: its name in the report
-    "task.test.accuracy": "test accuracy",
+REALIZED = plots.REALIZED
+VALIDATION_ACCURACY, VALIDATION_FORGETTING = plots.VALIDATION_ACCURACY, plots.VALIDATION_FORGETTING
+TEST_ACCURACY, TEST_FORGETTING = plots.TEST_ACCURACY, plots.TEST_FORGETTING
+METRICS = {  # column of summary.csv: its name in the report. Validation chooses, test is reported.
+    VALIDATION_ACCURACY: "validation accuracy",
+    TEST_ACCURACY: "test accuracy",
     "task.test.macro_f1": "test macro-F1",
-    "interference.forgetting": "forgetting",
+    VALIDATION_FORGETTING: "validation forgetting",
+    TEST_FORGETTING: "test forgetting",
     "interference.cka": "CKA",
     "interference.drift_l2": "drift L2",
 }
-ACCURACY, FORGETTING = plots.ACCURACY, plots.FORGETTING
-SETTING = ["task.name", "mask.strategy", "mask.ratio", "setting"]  # one group of seeds
+SETTING = ["task.name", "mask.strategy", "mask.ratio", "setting"]  # one group of seeds; mask.ratio as requested
+CHOOSING = ("Settings are chosen on validation metrics: the best setting has the highest mean validation accuracy, "
+            "and the Pareto front is drawn on validation accuracy and validation forgetting. Test metrics are "
+            "reported beside them and never used to choose.")
+RATIOS = ("`ratio` is the requested `mask.ratio`, `realized` the share of eligible entries actually frozen "
+          "(`mask.ratio_actual`, mean over seeds); the plots place each setting at its realized share.")
 
 
 def is_sweep_dir(path: Path) -> bool:
@@ -68,12 +77,13 @@ def varying_overrides(overrides: list[list[str]]) -> list[str]:
 
 
 def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std and count over seeds of each metric, per task × strategy × ratio (× other swept settings)."""
+    """Mean, std and count over seeds of the realized share and each metric, per task × strategy × requested
+    ratio (× other swept settings). A metric no job recorded is a column of NaN."""
     ok = summary[summary["status"] == "ok"]
     if ok.empty:
         return pd.DataFrame(columns=SETTING)
-    columns = [c for c in METRICS if c in ok.columns]
-    numbers = ok[SETTING].join(ok[columns].apply(pd.to_numeric, errors="coerce"))  # null metrics become NaN
+    columns = [REALIZED, *METRICS]
+    numbers = ok[SETTING].join(ok.reindex(columns=columns).apply(pd.to_numeric, errors="coerce"))  # null: NaN
     groups = numbers.groupby(SETTING, dropna=False)[columns]
     table = groups.agg(["mean", "std"])
     table.columns = [f"{metric} {stat}" for metric, stat in table.columns]
@@ -82,10 +92,11 @@ def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def pareto_front(table: pd.DataFrame) -> pd.Series:
-    """True for the settings no other setting beats on both accuracy (higher) and forgetting (lower)."""
-    acc, forget = table[f"{ACCURACY} mean"], table[f"{FORGETTING} mean"]
+    """True for the settings no other setting beats on both validation accuracy (higher) and validation
+    forgetting (lower); a setting without either is not on it."""
+    acc, forget = table[f"{VALIDATION_ACCURACY} mean"], table[f"{VALIDATION_FORGETTING} mean"]
     dominated = [((acc >= a) & (forget <= f) & ((acc > a) | (forget < f))).any() for a, f in zip(acc, forget)]
-    return ~pd.Series(dominated, index=table.index) & forget.notna()
+    return ~pd.Series(dominated, index=table.index) & acc.notna() & forget.notna()
 
 
 def mean_std(row: pd.Series, metric: str, digits: int = 4) -> str:
@@ -101,20 +112,37 @@ def setting_name(row: pd.Series) -> str:
 
 
 def task_section(task: str, table: pd.DataFrame, front: pd.Series) -> list[str]:
-    metrics = [m for m in METRICS if f"{m} mean" in table.columns]
-    lines = [f"## Task {task}", "", "Mean ± std over seeds (completed jobs only).", "",
-             "| strategy | ratio | setting | seeds | " + " | ".join(METRICS[m] for m in metrics) + " |",
-             "|---|---|---|---|" + "---|" * len(metrics)]
+    lines = [f"## Task {task}", "", "Mean ± std over seeds (completed jobs only). " + RATIOS, "",
+             "| strategy | ratio | realized | setting | seeds | " + " | ".join(METRICS.values()) + " |",
+             "|---|---|---|---|---|" + "---|" * len(METRICS)]
     for _, row in table.iterrows():
-        cells = [row["mask.strategy"], f"{row['mask.ratio']:g}", row["setting"] or "–", str(row["seeds"])]
-        lines.append("| " + " | ".join(cells + [mean_std(row, m) for m in metrics]) + " |")
-    best = table.loc[table[f"{ACCURACY} mean"].idxmax()]
-    lines += ["", f"**Best setting** (highest mean test accuracy): {setting_name(best)}: "
-                  f"accuracy {mean_std(best, ACCURACY)}, forgetting {mean_std(best, FORGETTING)}."]
-    if front.any():
-        lines += ["", "**Pareto front** (no other setting has both higher accuracy and lower forgetting): "
-                  + "; ".join(setting_name(row) for _, row in table[front].iterrows()) + "."]
-    return lines
+        cells = [row["mask.strategy"], f"{row['mask.ratio']:g}", mean_std(row, REALIZED, digits=3),
+                 row["setting"] or "–", str(row["seeds"])]
+        lines.append("| " + " | ".join(cells + [mean_std(row, m) for m in METRICS]) + " |")
+    return lines + ["", best_setting(table), "", front_line(table, front)]
+
+
+def best_setting(table: pd.DataFrame) -> str:
+    """The setting of highest mean validation accuracy, with its test numbers beside it."""
+    accuracy = table[f"{VALIDATION_ACCURACY} mean"]
+    if accuracy.isna().all():
+        return (f"**Best setting**: none chosen: no job recorded validation accuracy (`{VALIDATION_ACCURACY}`), "
+                "and test accuracy is never used to choose.")
+    best = table.loc[accuracy.idxmax()]
+    return (f"**Best setting** (highest mean validation accuracy): {setting_name(best)}: validation accuracy "
+            f"{mean_std(best, VALIDATION_ACCURACY)}; reported on test: accuracy {mean_std(best, TEST_ACCURACY)}, "
+            f"forgetting {mean_std(best, TEST_FORGETTING)}.")
+
+
+def front_line(table: pd.DataFrame, front: pd.Series) -> str:
+    """The Pareto front's settings, or why there is none: it needs validation forgetting, never test forgetting."""
+    if not front.any():
+        return (f"**Pareto front**: none drawn: no setting recorded both validation accuracy and validation forgetting "
+                f"(`{VALIDATION_FORGETTING}`), and test forgetting is never used to choose.")
+    left_out = int(table[f"{VALIDATION_FORGETTING} mean"].isna().sum())
+    note = f" {left_out} setting(s) without validation forgetting are left out." if left_out else ""
+    return ("**Pareto front** (no other setting has both higher validation accuracy and lower validation forgetting): "
+            + "; ".join(setting_name(row) for _, row in table[front].iterrows()) + "." + note)
 
 
 def write_sweep_report(sweep_dir: Path) -> pd.DataFrame:
@@ -125,7 +153,7 @@ def write_sweep_report(sweep_dir: Path) -> pd.DataFrame:
     counts = summary["status"].value_counts().to_dict()
     lines = [f"# maskrun sweep · {sweep_dir}", "",
              f"{len(summary)} jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".",
-             "Every job, with all its metrics: `summary.csv`.", ""]
+             "Every job, with all its metrics: `summary.csv`.", "", CHOOSING, ""]
     for task, task_table in table.groupby("task.name"):
         front = pareto_front(task_table)
         lines += task_section(task, task_table, front)
@@ -159,11 +187,11 @@ def print_sweep_table(sweep_dir: Path, summary: pd.DataFrame) -> None:
     metrics = [m for m in METRICS if m != "task.test.macro_f1"]
     for task, table in aggregate(summary).groupby("task.name"):
         view = Table(title=f"maskrun sweep · {task} · {sweep_dir}")
-        for column in ["strategy", "ratio", "setting", "seeds"] + [METRICS[m] for m in metrics]:
+        for column in ["strategy", "ratio", "realized", "setting", "seeds"] + [METRICS[m] for m in metrics]:
             view.add_column(column, overflow="fold")  # wrap, never hide, in a narrow terminal
         for _, row in table.iterrows():
-            view.add_row(row["mask.strategy"], f"{row['mask.ratio']:g}", row["setting"] or "–", str(row["seeds"]),
-                         *[mean_std(row, m, digits=3) for m in metrics])
+            view.add_row(row["mask.strategy"], f"{row['mask.ratio']:g}", mean_std(row, REALIZED, digits=3),
+                         row["setting"] or "–", str(row["seeds"]), *[mean_std(row, m, digits=3) for m in metrics])
         console.print(view)
     for _, row in summary[summary["status"] != "ok"].iterrows():
         console.print(f"[red]job {row['job']} {row['status']}[/red]: {row['error']}")
