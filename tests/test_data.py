@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from maskrun.data.corpus import check_corpus, corpus_spec, load_corpus
+from maskrun.data.dedup import text_key
 from maskrun.data.tasks import check_task, deduplicate, label_ids, load_task
 from maskrun.errors import ConfigError
 
@@ -27,6 +28,12 @@ def reviews(n: int = 50) -> pd.DataFrame:
 def test_deduplicate_keeps_the_first_of_each_text_and_drops_empty_ones():
     texts, labels, dropped = deduplicate(["a", "b", "a", "", "c", "b"], [0, 1, 1, 0, 1, 0])
     assert (texts, labels, dropped) == (["a", "b", "c"], [0, 1, 1], 3)
+
+
+def test_texts_equal_up_to_case_punctuation_and_whitespace_are_the_same_text():
+    texts, labels, dropped = deduplicate(["Call me now!", "call  me now", "CALL ME, NOW?", "call me later", "Ça va?", "ÇA VA"],
+                                         [1, 0, 0, 1, 0, 1])
+    assert (texts, labels, dropped) == (["Call me now!", "call me later", "Ça va?"], [1, 1, 0], 3)
 
 
 def test_labels_map_to_ids_in_sorted_order():
@@ -71,12 +78,14 @@ def test_a_users_file_is_checked_before_work(tmp_path):
         check_task(dataset(task="tsv"))
 
 
-def test_sms_spam_is_deduplicated_before_splitting():
+def test_sms_spam_is_deduplicated_before_splitting_so_no_near_duplicate_is_in_two_splits():
     task = load_task(dataset(task="sms_spam", name="sms_spam"), seed=0)
     assert task.label_names == ["ham", "spam"]
     assert task.split_sizes["duplicates_dropped"] > 0
-    train, test = set(task.train.texts), set(task.test.texts)
-    assert not train & test and len(train) == len(task.train)
+    keys = [{text_key(t) for t in split.texts} for split in (task.train, task.validation, task.test)]
+    assert [len(k) for k in keys] == [len(task.train), len(task.validation), len(task.test)]
+    train, validation, test = keys
+    assert not train & validation and not train & test and not validation & test
 
 
 def test_bbc_news_has_five_topics_in_folder_order():
