@@ -4,12 +4,13 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForLanguageModeling
 
 from maskrun.models import load_backbone, load_pretraining_model
 from maskrun.pretrain import objective_batch, objective_loss, pack_texts
 
-EVAL_SEED = 1234  # the same masked positions before and after fine-tuning
+# One checkpoint and one held-out text give the same masked positions, hence the same loss, in every run.
+EVAL_SEED = 1234
+EVAL_MLM_PROBABILITY = 0.15
 
 
 def macro_f1(pred: list[int], gold: list[int], num_labels: int) -> float:
@@ -35,10 +36,11 @@ def classify(model, tokenizer, split, max_length: int, device: torch.device, bat
 
 
 def heldout_blocks(tokenizer, texts: list[str], max_length: int, objective: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out pretraining text and its labels; for MLM a fixed set of masked positions."""
+    """Held-out pretraining text and its labels; for MLM masked positions drawn from their own generator, seeded
+    with EVAL_SEED, so neither the global RNG nor the device moves them."""
     blocks = pack_texts(tokenizer, texts, max_length)
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm=objective == "mlm", mlm_probability=0.15, seed=EVAL_SEED)
-    return objective_batch(collator, blocks, objective or "causal_lm")
+    return objective_batch(tokenizer, blocks, objective or "causal_lm", EVAL_MLM_PROBABILITY,
+                           torch.Generator().manual_seed(EVAL_SEED))
 
 
 @torch.no_grad()

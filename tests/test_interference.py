@@ -10,6 +10,7 @@ from conftest import assert_frozen_entries_exact, load_metrics, maskrun, run_dir
 from maskrun.data.tokenizer import train_tokenizer
 from maskrun.evaluate import drift_l2, interference, layer_of, linear_cka
 from maskrun.models import build_pretraining_model, load_task_model
+from maskrun.pretrain import MASK_TOKEN_SHARE, RANDOM_TOKEN_SHARE, mask_tokens
 
 TEXTS = [f"the {w} sat on the {v} and looked at the {u}" for w in ("cat", "dog", "bird", "man") for v in ("mat", "hat", "log")
          for u in ("moon", "sun", "sea")]
@@ -48,6 +49,25 @@ def tokenizer(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(TEXTS, 200, out)
     return AutoTokenizer.from_pretrained(out)
+
+
+def test_masking_chooses_ordinary_tokens_at_the_rate_asked_and_treats_them_as_bert_does(tokenizer):
+    ordinary = torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in ("the", "cat", "sat", "on")])
+    blocks = ordinary.repeat(2000, 8)
+    blocks[:, 0], blocks[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+    state = torch.get_rng_state()
+    inputs, labels = mask_tokens(tokenizer, blocks, 0.2, torch.Generator().manual_seed(0))
+    again, _ = mask_tokens(tokenizer, blocks, 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(inputs, again)
+
+    chosen = labels.ne(-100)
+    assert not chosen[:, [0, -1]].any()  # special tokens are never chosen
+    assert torch.equal(labels[chosen], blocks[chosen]) and torch.equal(inputs[~chosen], blocks[~chosen])
+    share = lambda positions: float(positions.sum()) / float(chosen.sum())
+    assert float(chosen.sum()) / blocks[:, 1:-1].numel() == pytest.approx(0.2, abs=0.01)
+    assert share(inputs.eq(tokenizer.mask_token_id) & chosen) == pytest.approx(MASK_TOKEN_SHARE, abs=0.01)
+    unchanged = share(inputs.eq(blocks) & chosen)  # kept, or replaced by chance with the same token
+    assert unchanged == pytest.approx(1 - MASK_TOKEN_SHARE - RANDOM_TOKEN_SHARE, abs=0.01)
 
 
 @pytest.mark.parametrize("family, objective", [("bert", "mlm"), ("gpt2", "causal_lm")])
