@@ -105,21 +105,32 @@ def test_train_size_is_a_stratified_seeded_subsample_of_the_training_split():
     assert load_task(dataset(task="rotten_tomatoes", train_size=200), seed=0).train.texts == small.train.texts
 
 
-def test_a_users_corpus_is_read_by_line_and_keyed_by_its_content(tmp_path):
+def test_a_users_corpus_is_read_by_line_deduplicated_and_keyed_by_its_content(tmp_path):
     path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(f"line {i}" for i in range(40)) + "\n\n")
+    path.write_text("\n".join(f"line {i}" for i in range(40)) + "\n\nLine 7!\nline   12\n")
     dcfg = dataset(corpus_path=str(path))
     check_corpus(dcfg)
     corpus = load_corpus(dcfg)
-    assert sorted(corpus.train + corpus.heldout) == sorted(f"line {i}" for i in range(40)) and len(corpus.heldout) == 2
+    assert sorted(corpus.train + corpus.validation + corpus.test) == sorted(f"line {i}" for i in range(40))
+    assert len(corpus.validation) == len(corpus.test) == 1
     key = corpus_spec(dcfg)
-    path.write_text("something else\nentirely\n")
+    path.write_text("something else\nentirely\nand more\n")
     assert corpus_spec(dcfg) != key
     with pytest.raises(ConfigError, match="corpus_path"):
         check_corpus(dataset(corpus_path=str(tmp_path / "missing.txt")))
+    path.write_text("the same line\nThe same line.\nanother line\n")
+    with pytest.raises(ConfigError, match="holds 2 distinct text"):
+        check_corpus(dcfg)
 
 
 @pytest.mark.parametrize("name", ["movie_dialogs", "bible", "shakespeare"])
 def test_packaged_corpora_hold_real_text(name):
     corpus = load_corpus(dataset(corpus=name, corpus_max_texts=2000))
-    assert len(corpus.train) + len(corpus.heldout) == 2000 and all(t.strip() for t in corpus.train)
+    assert len(corpus.train) + len(corpus.validation) + len(corpus.test) == 2000 and all(t.strip() for t in corpus.train)
+
+
+def test_held_out_text_of_the_default_corpus_is_never_in_its_training_split():
+    corpus = load_corpus(dataset(corpus="movie_dialogs"))
+    train, validation, test = ({text_key(t) for t in texts} for texts in (corpus.train, corpus.validation, corpus.test))
+    assert len(validation) == len(corpus.validation) > 0 and len(test) == len(corpus.test) > 0
+    assert not validation & train and not test & train and not validation & test

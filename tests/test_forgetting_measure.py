@@ -37,4 +37,8 @@ def test_the_pretraining_loss_before_fine_tuning_is_the_same_whatever_the_fine_t
         interference[epochs] = load_metrics(tmp_path / str(epochs))["interference"]
     one_epoch, two_epochs = interference[1], interference[2]
     assert one_epoch["pretrain_loss_before"] == two_epochs["pretrain_loss_before"]
-    assert one_epoch["forgetting"] == pytest.approx(one_epoch["pretrain_loss_after"] - one_epoch["pretrain_loss_before"])
+    assert one_epoch["validation"]["pretrain_loss_before"] == two_epochs["validation"]["pretrain_loss_before"]
+    for measure in (one_epoch, one_epoch["validation"]):  # the test slice, then the validation slice
+        assert measure["heldout_texts"] == 16 and measure["heldout_overlap"] == 0
+        assert measure["forgetting"] == pytest.approx(measure["pretrain_loss_after"] - measure["pretrain_loss_before"])
+    assert one_epoch["validation"]["pretrain_loss_before"] != one_epoch["pretrain_loss_before"]  # other texts

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from conftest import assert_frozen_entries_exact, load_metrics, maskrun, run_dirs
+from maskrun.data import Corpus
 from maskrun.data.tokenizer import train_tokenizer
 from maskrun.evaluate import drift_l2, interference, layer_of, linear_cka
 from maskrun.models import build_pretraining_model, load_task_model
@@ -77,10 +78,15 @@ def test_an_unchanged_model_shows_no_interference_and_a_perturbed_one_shows_its_
                              "dropout": 0.0})
     build_pretraining_model(mcfg, tokenizer).save_pretrained(tmp_path)
     task_model = load_task_model(tmp_path, num_labels=2)
-    measure = lambda: interference(tmp_path, task_model, tokenizer, TEXTS, objective, 16, torch.device("cpu"), 8)
+    # The slices split TEXTS; one test text also occurs (in other case and punctuation) in the training split.
+    corpus = Corpus("toy", train=[TEXTS[0].upper() + "!", "an unrelated text"], validation=TEXTS[18:], test=TEXTS[:18])
+    measure = lambda: interference(tmp_path, task_model, tokenizer, corpus, 16, objective, 16, torch.device("cpu"), 8)
 
     unchanged = measure()
+    assert (unchanged["heldout_texts"], unchanged["heldout_overlap"]) == (16, 1)
+    assert (unchanged["validation"]["heldout_texts"], unchanged["validation"]["heldout_overlap"]) == (16, 0)
     assert unchanged["forgetting"] == pytest.approx(0.0, abs=1e-6)
+    assert unchanged["validation"]["forgetting"] == pytest.approx(0.0, abs=1e-6)
     assert unchanged["cka"] == pytest.approx(1.0) and all(c == pytest.approx(1.0) for c in unchanged["cka_per_layer"])
     assert len(unchanged["cka_per_layer"]) == 3  # embeddings and 2 layers
     assert unchanged["drift_l2"] == 0.0 and set(unchanged["drift_l2_per_layer"]) >= {"embeddings", "layer.0", "layer.1"}
@@ -96,7 +102,8 @@ def test_an_unchanged_model_shows_no_interference_and_a_perturbed_one_shows_its_
     assert perturbed["drift_l2"] == pytest.approx(expected, rel=1e-5)
     assert perturbed["drift_l2_per_layer"]["layer.0"] == 0.0
     assert perturbed["cka_per_layer"][:2] == pytest.approx([1.0, 1.0]) and perturbed["cka_per_layer"][2] < 1.0
-    assert perturbed["forgetting"] != 0.0
+    assert perturbed["forgetting"] != 0.0 and perturbed["validation"]["forgetting"] != 0.0
+    assert perturbed["validation"]["pretrain_loss_before"] == unchanged["validation"]["pretrain_loss_before"]
 
 
 @pytest.fixture(scope="module")
