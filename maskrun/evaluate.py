@@ -4,12 +4,15 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForLanguageModeling
 
+from maskrun.data import Corpus
+from maskrun.data.dedup import overlap
 from maskrun.models import load_backbone, load_pretraining_model
 from maskrun.pretrain import objective_batch, objective_loss, pack_texts
 
-EVAL_SEED = 1234  # the same masked positions before and after fine-tuning
+# One checkpoint and one held-out text give the same masked positions, hence the same loss, in every run.
+EVAL_SEED = 1234
+EVAL_MLM_PROBABILITY = 0.15
 
 
 def macro_f1(pred: list[int], gold: list[int], num_labels: int) -> float:
@@ -35,10 +38,11 @@ def classify(model, tokenizer, split, max_length: int, device: torch.device, bat
 
 
 def heldout_blocks(tokenizer, texts: list[str], max_length: int, objective: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out pretraining text and its labels; for MLM a fixed set of masked positions."""
+    """Held-out pretraining text and its labels; for MLM masked positions drawn from their own generator, seeded
+    with EVAL_SEED, so neither the global RNG nor the device moves them."""
     blocks = pack_texts(tokenizer, texts, max_length)
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm=objective == "mlm", mlm_probability=0.15, seed=EVAL_SEED)
-    return objective_batch(collator, blocks, objective or "causal_lm")
+    return objective_batch(tokenizer, blocks, objective or "causal_lm", EVAL_MLM_PROBABILITY,
+                           torch.Generator().manual_seed(EVAL_SEED))
 
 
 @torch.no_grad()
@@ -94,31 +98,50 @@ def drift_l2(pretrained: dict[str, torch.Tensor], finetuned: dict[str, torch.Ten
     return {"total": sum(squares.values()) ** 0.5, "per_layer": {k: v ** 0.5 for k, v in squares.items()}}
 
 
-def interference(pretrained_dir: Path, finetuned_model, tokenizer, heldout_texts: list[str], objective: str | None,
-                 max_length: int, device: torch.device, batch_size: int) -> dict:
+def forgetting(texts: list[str], pretraining_texts: list[str], loss_before: float | None,
+               loss_after: float | None) -> dict:
+    """Forgetting on one held-out slice, with how many texts it used and how many of them pretraining saw (0)."""
+    return {
+        "heldout_texts": len(texts),
+        "heldout_overlap": overlap(texts, pretraining_texts),
+        "pretrain_loss_before": loss_before,
+        "pretrain_loss_after": loss_after,
+        "forgetting": None if loss_before is None else loss_after - loss_before,
+    }
+
+
+def interference(pretrained_dir: Path, finetuned_model, tokenizer, corpus: Corpus, heldout_texts: int,
+                 objective: str | None, max_length: int, device: torch.device, batch_size: int) -> dict:
     """Forgetting (held-out pretraining loss after − before), CKA of hidden states, and weight drift.
 
-    `objective` is None for a checkpoint without a pretraining head: then forgetting is null.
+    The top-level measures use the corpus's test slice; `validation` holds forgetting on its validation slice,
+    for choosing settings. Each slice is capped at `heldout_texts` texts. `objective` is None for a checkpoint
+    without a pretraining head: then the losses and forgetting are null.
     """
-    inputs, labels = heldout_blocks(tokenizer, heldout_texts, max_length, objective)
+    texts = {"test": corpus.test[:heldout_texts], "validation": corpus.validation[:heldout_texts]}
+    batches = {name: heldout_blocks(tokenizer, slice_texts, max_length, objective) for name, slice_texts in texts.items()}
     model = (load_pretraining_model(pretrained_dir, objective) if objective else load_backbone(pretrained_dir)).to(device)
     backbone = model.base_model
+
+    def losses() -> dict:
+        return {name: pretraining_loss(model, inputs, labels, objective, device, batch_size) if objective else None
+                for name, (inputs, labels) in batches.items()}
+
     before = {name: p.detach().clone() for name, p in backbone.named_parameters()}
-    loss_before = pretraining_loss(model, inputs, labels, objective, device, batch_size) if objective else None
-    hidden_before = hidden_states(backbone, inputs, device, batch_size)
+    loss_before = losses()
+    hidden_before = hidden_states(backbone, batches["test"][0], device, batch_size)
     # The fine-tuned backbone under the pretrained head.
     result = backbone.load_state_dict(finetuned_model.base_model.state_dict(), strict=False)
     assert not result.missing_keys, f"fine-tuned backbone lacks {result.missing_keys}"
-    loss_after = pretraining_loss(model, inputs, labels, objective, device, batch_size) if objective else None
-    hidden_after = hidden_states(backbone, inputs, device, batch_size)
+    loss_after = losses()
+    hidden_after = hidden_states(backbone, batches["test"][0], device, batch_size)
     cka_per_layer = [linear_cka(a, b) for a, b in zip(hidden_before, hidden_after)]
     drift = drift_l2(before, dict(backbone.named_parameters()))
     return {
-        "pretrain_loss_before": loss_before,
-        "pretrain_loss_after": loss_after,
-        "forgetting": None if objective is None else loss_after - loss_before,
+        **forgetting(texts["test"], corpus.train, loss_before["test"], loss_after["test"]),
         "cka": sum(cka_per_layer) / len(cka_per_layer),
         "cka_per_layer": cka_per_layer,
         "drift_l2": drift["total"],
         "drift_l2_per_layer": drift["per_layer"],
+        "validation": forgetting(texts["validation"], corpus.train, loss_before["validation"], loss_after["validation"]),
     }

@@ -75,9 +75,9 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
             "validation": history["selected"],
             "test": classify(model, tokenizer, task.test, cfg.finetune.max_length, device, cfg.eval.batch_size),
         }
-        heldout, objective = corpus.heldout[: cfg.eval.heldout_texts], pretraining_objective(cfg.model, cfg.pretrain)
         metrics["interference"] = interference(
-            pretrained_dir, model, tokenizer, heldout, objective, cfg.pretrain.max_length, device, cfg.eval.batch_size)
+            pretrained_dir, model, tokenizer, corpus, cfg.eval.heldout_texts, pretraining_objective(cfg.model, cfg.pretrain),
+            cfg.pretrain.max_length, device, cfg.eval.batch_size)
 
     if cfg.eval.controls:
         with stage_timer(timing, "controls"):

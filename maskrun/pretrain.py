@@ -8,10 +8,14 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, DataCollatorForLanguageModeling, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from maskrun.models import build_pretraining_model, pretrained_source, save_backbone
 from maskrun.progress import StageProgress
+
+# BERT's treatment of a position chosen for masked LM: [MASK] 80% of the time, a random token 10%, unchanged the rest.
+MASK_TOKEN_SHARE = 0.8
+RANDOM_TOKEN_SHARE = 0.1
 
 
 def pretraining_objective(mcfg, pcfg) -> str | None:
@@ -34,11 +38,31 @@ def pack_texts(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
     return torch.cat([torch.full((n_blocks, 1), start), blocks, torch.full((n_blocks, 1), end)], dim=1)
 
 
-def objective_batch(collator, blocks: torch.Tensor, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and labels: masked positions for MLM; every non-padding next token for causal LM."""
+def mask_tokens(tokenizer, blocks: torch.Tensor, probability: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: each non-special token is chosen with `probability` and becomes [MASK], a random token or
+    stays (80/10/10); only chosen positions have labels.
+
+    Every draw comes from `generator` (a CPU generator, `blocks` on the CPU), never from the global RNG: the
+    positions depend on the generator's seed alone, not on what ran before nor on the device.
+    """
+    chosen = torch.rand(blocks.shape, generator=generator).lt(probability)
+    chosen &= ~torch.isin(blocks, torch.tensor(tokenizer.all_special_ids))
+    treatment = torch.rand(blocks.shape, generator=generator)
+    random_tokens = torch.randint(len(tokenizer), blocks.shape, generator=generator)
+    to_mask = chosen & treatment.lt(MASK_TOKEN_SHARE)
+    to_random = chosen & treatment.ge(MASK_TOKEN_SHARE) & treatment.lt(MASK_TOKEN_SHARE + RANDOM_TOKEN_SHARE)
+    inputs = blocks.masked_fill(to_mask, tokenizer.mask_token_id)
+    inputs[to_random] = random_tokens[to_random]
+    return inputs, blocks.masked_fill(~chosen, -100)
+
+
+def objective_batch(tokenizer, blocks: torch.Tensor, objective: str, mlm_probability: float,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and labels: masked positions drawn from `generator` for MLM; every non-padding next token for causal LM."""
     if objective == "mlm":
-        return collator.torch_mask_tokens(blocks.clone())
-    return blocks, blocks.masked_fill(blocks.eq(collator.tokenizer.pad_token_id), -100)
+        return mask_tokens(tokenizer, blocks, mlm_probability, generator)
+    return blocks, blocks.masked_fill(blocks.eq(tokenizer.pad_token_id), -100)
 
 
 def objective_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
@@ -62,16 +86,15 @@ def pretrain(mcfg, pcfg, texts: list[str], tokenizer_dir: Path, out_dir: Path, d
         return
     model = build_pretraining_model(mcfg, tokenizer).to(device)
     blocks = pack_texts(tokenizer, texts, pcfg.max_length)
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm=objective == "mlm", mlm_probability=pcfg.mlm_probability)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, min(pcfg.warmup_steps, pcfg.steps // 10), pcfg.steps)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the batches' rows and their masked positions
     history = []
     model.train()
     with StageProgress("pretrain", total=pcfg.steps) as progress:
         for step in range(1, pcfg.steps + 1):
             rows = torch.randint(len(blocks), (pcfg.batch_size,), generator=generator)
-            inputs, labels = objective_batch(collator, blocks[rows], objective)
+            inputs, labels = objective_batch(tokenizer, blocks[rows], objective, pcfg.mlm_probability, generator)
             loss = objective_loss(model, inputs.to(device), labels.to(device), objective)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"pretraining loss became {loss.item()} at step {step}")

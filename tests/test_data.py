@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from maskrun.data.corpus import check_corpus, corpus_spec, load_corpus
+from maskrun.data.dedup import text_key
 from maskrun.data.tasks import check_task, deduplicate, label_ids, load_task
 from maskrun.errors import ConfigError
 
@@ -27,6 +28,12 @@ def reviews(n: int = 50) -> pd.DataFrame:
 def test_deduplicate_keeps_the_first_of_each_text_and_drops_empty_ones():
     texts, labels, dropped = deduplicate(["a", "b", "a", "", "c", "b"], [0, 1, 1, 0, 1, 0])
     assert (texts, labels, dropped) == (["a", "b", "c"], [0, 1, 1], 3)
+
+
+def test_texts_equal_up_to_case_punctuation_and_whitespace_are_the_same_text():
+    texts, labels, dropped = deduplicate(["Call me now!", "call  me now", "CALL ME, NOW?", "call me later", "Ça va?", "ÇA VA"],
+                                         [1, 0, 0, 1, 0, 1])
+    assert (texts, labels, dropped) == (["Call me now!", "call me later", "Ça va?"], [1, 1, 0], 3)
 
 
 def test_labels_map_to_ids_in_sorted_order():
@@ -71,12 +78,14 @@ def test_a_users_file_is_checked_before_work(tmp_path):
         check_task(dataset(task="tsv"))
 
 
-def test_sms_spam_is_deduplicated_before_splitting():
+def test_sms_spam_is_deduplicated_before_splitting_so_no_near_duplicate_is_in_two_splits():
     task = load_task(dataset(task="sms_spam", name="sms_spam"), seed=0)
     assert task.label_names == ["ham", "spam"]
     assert task.split_sizes["duplicates_dropped"] > 0
-    train, test = set(task.train.texts), set(task.test.texts)
-    assert not train & test and len(train) == len(task.train)
+    keys = [{text_key(t) for t in split.texts} for split in (task.train, task.validation, task.test)]
+    assert [len(k) for k in keys] == [len(task.train), len(task.validation), len(task.test)]
+    train, validation, test = keys
+    assert not train & validation and not train & test and not validation & test
 
 
 def test_bbc_news_has_five_topics_in_folder_order():
@@ -96,21 +105,32 @@ def test_train_size_is_a_stratified_seeded_subsample_of_the_training_split():
     assert load_task(dataset(task="rotten_tomatoes", train_size=200), seed=0).train.texts == small.train.texts
 
 
-def test_a_users_corpus_is_read_by_line_and_keyed_by_its_content(tmp_path):
+def test_a_users_corpus_is_read_by_line_deduplicated_and_keyed_by_its_content(tmp_path):
     path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(f"line {i}" for i in range(40)) + "\n\n")
+    path.write_text("\n".join(f"line {i}" for i in range(40)) + "\n\nLine 7!\nline   12\n")
     dcfg = dataset(corpus_path=str(path))
     check_corpus(dcfg)
     corpus = load_corpus(dcfg)
-    assert sorted(corpus.train + corpus.heldout) == sorted(f"line {i}" for i in range(40)) and len(corpus.heldout) == 2
+    assert sorted(corpus.train + corpus.validation + corpus.test) == sorted(f"line {i}" for i in range(40))
+    assert len(corpus.validation) == len(corpus.test) == 1
     key = corpus_spec(dcfg)
-    path.write_text("something else\nentirely\n")
+    path.write_text("something else\nentirely\nand more\n")
     assert corpus_spec(dcfg) != key
     with pytest.raises(ConfigError, match="corpus_path"):
         check_corpus(dataset(corpus_path=str(tmp_path / "missing.txt")))
+    path.write_text("the same line\nThe same line.\nanother line\n")
+    with pytest.raises(ConfigError, match="holds 2 distinct text"):
+        check_corpus(dcfg)
 
 
 @pytest.mark.parametrize("name", ["movie_dialogs", "bible", "shakespeare"])
 def test_packaged_corpora_hold_real_text(name):
     corpus = load_corpus(dataset(corpus=name, corpus_max_texts=2000))
-    assert len(corpus.train) + len(corpus.heldout) == 2000 and all(t.strip() for t in corpus.train)
+    assert len(corpus.train) + len(corpus.validation) + len(corpus.test) == 2000 and all(t.strip() for t in corpus.train)
+
+
+def test_held_out_text_of_the_default_corpus_is_never_in_its_training_split():
+    corpus = load_corpus(dataset(corpus="movie_dialogs"))
+    train, validation, test = ({text_key(t) for t in texts} for texts in (corpus.train, corpus.validation, corpus.test))
+    assert len(validation) == len(corpus.validation) > 0 and len(test) == len(corpus.test) > 0
+    assert not validation & train and not test & train and not validation & test

@@ -7,9 +7,11 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from conftest import assert_frozen_entries_exact, load_metrics, maskrun, run_dirs
+from maskrun.data import Corpus
 from maskrun.data.tokenizer import train_tokenizer
 from maskrun.evaluate import drift_l2, interference, layer_of, linear_cka
 from maskrun.models import build_pretraining_model, load_task_model
+from maskrun.pretrain import MASK_TOKEN_SHARE, RANDOM_TOKEN_SHARE, mask_tokens
 
 TEXTS = [f"the {w} sat on the {v} and looked at the {u}" for w in ("cat", "dog", "bird", "man") for v in ("mat", "hat", "log")
          for u in ("moon", "sun", "sea")]
@@ -50,6 +52,25 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(out)
 
 
+def test_masking_chooses_ordinary_tokens_at_the_rate_asked_and_treats_them_as_bert_does(tokenizer):
+    ordinary = torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in ("the", "cat", "sat", "on")])
+    blocks = ordinary.repeat(2000, 8)
+    blocks[:, 0], blocks[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+    state = torch.get_rng_state()
+    inputs, labels = mask_tokens(tokenizer, blocks, 0.2, torch.Generator().manual_seed(0))
+    again, _ = mask_tokens(tokenizer, blocks, 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(inputs, again)
+
+    chosen = labels.ne(-100)
+    assert not chosen[:, [0, -1]].any()  # special tokens are never chosen
+    assert torch.equal(labels[chosen], blocks[chosen]) and torch.equal(inputs[~chosen], blocks[~chosen])
+    share = lambda positions: float(positions.sum()) / float(chosen.sum())
+    assert float(chosen.sum()) / blocks[:, 1:-1].numel() == pytest.approx(0.2, abs=0.01)
+    assert share(inputs.eq(tokenizer.mask_token_id) & chosen) == pytest.approx(MASK_TOKEN_SHARE, abs=0.01)
+    unchanged = share(inputs.eq(blocks) & chosen)  # kept, or replaced by chance with the same token
+    assert unchanged == pytest.approx(1 - MASK_TOKEN_SHARE - RANDOM_TOKEN_SHARE, abs=0.01)
+
+
 @pytest.mark.parametrize("family, objective", [("bert", "mlm"), ("gpt2", "causal_lm")])
 def test_an_unchanged_model_shows_no_interference_and_a_perturbed_one_shows_its_drift(tmp_path, tokenizer, family, objective):
     mcfg = OmegaConf.create({"family": family, "objective": objective, "name_or_path": None, "hidden_size": 16,
@@ -57,10 +78,15 @@ def test_an_unchanged_model_shows_no_interference_and_a_perturbed_one_shows_its_
                              "dropout": 0.0})
     build_pretraining_model(mcfg, tokenizer).save_pretrained(tmp_path)
     task_model = load_task_model(tmp_path, num_labels=2)
-    measure = lambda: interference(tmp_path, task_model, tokenizer, TEXTS, objective, 16, torch.device("cpu"), 8)
+    # The slices split TEXTS; one test text also occurs (in other case and punctuation) in the training split.
+    corpus = Corpus("toy", train=[TEXTS[0].upper() + "!", "an unrelated text"], validation=TEXTS[18:], test=TEXTS[:18])
+    measure = lambda: interference(tmp_path, task_model, tokenizer, corpus, 16, objective, 16, torch.device("cpu"), 8)
 
     unchanged = measure()
+    assert (unchanged["heldout_texts"], unchanged["heldout_overlap"]) == (16, 1)
+    assert (unchanged["validation"]["heldout_texts"], unchanged["validation"]["heldout_overlap"]) == (16, 0)
     assert unchanged["forgetting"] == pytest.approx(0.0, abs=1e-6)
+    assert unchanged["validation"]["forgetting"] == pytest.approx(0.0, abs=1e-6)
     assert unchanged["cka"] == pytest.approx(1.0) and all(c == pytest.approx(1.0) for c in unchanged["cka_per_layer"])
     assert len(unchanged["cka_per_layer"]) == 3  # embeddings and 2 layers
     assert unchanged["drift_l2"] == 0.0 and set(unchanged["drift_l2_per_layer"]) >= {"embeddings", "layer.0", "layer.1"}
@@ -76,7 +102,8 @@ def test_an_unchanged_model_shows_no_interference_and_a_perturbed_one_shows_its_
     assert perturbed["drift_l2"] == pytest.approx(expected, rel=1e-5)
     assert perturbed["drift_l2_per_layer"]["layer.0"] == 0.0
     assert perturbed["cka_per_layer"][:2] == pytest.approx([1.0, 1.0]) and perturbed["cka_per_layer"][2] < 1.0
-    assert perturbed["forgetting"] != 0.0
+    assert perturbed["forgetting"] != 0.0 and perturbed["validation"]["forgetting"] != 0.0
+    assert perturbed["validation"]["pretrain_loss_before"] == unchanged["validation"]["pretrain_loss_before"]
 
 
 @pytest.fixture(scope="module")

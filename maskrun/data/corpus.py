@@ -1,4 +1,8 @@
-"""Pretraining corpora: plain text, split into train and a held-out part for interference."""
+"""Pretraining corpora: plain text, deduplicated, then split into train and a held-out part for interference.
+
+The held-out part is split again into a validation slice (what settings are chosen on) and a test
+slice (what is reported), so forgetting is never both chosen on and reported on the same text.
+"""
 
 import hashlib
 import json
@@ -6,17 +10,20 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from maskrun.data import dedup
 from maskrun.data.packaged import packaged_file
 from maskrun.errors import ConfigError
 
 HELDOUT_FRACTION = 0.05
+MIN_TEXTS = 3  # one to pretrain on, one for each held-out slice
 
 
 @dataclass
 class Corpus:
     name: str
     train: list[str]
-    heldout: list[str]
+    validation: list[str]
+    test: list[str]
 
 
 def _movie_dialogs() -> list[str]:
@@ -50,9 +57,15 @@ def text_file_lines(path: Path, encoding: str) -> list[str]:
         raise ConfigError(f"cannot read dataset.corpus_path={path}: {err}", "point it at a text file, one text per line") from None
 
 
+def too_few_texts(name: str, count: int) -> ConfigError:
+    return ConfigError(f"corpus {name} holds {count} distinct text(s)",
+                       f"pretraining needs at least {MIN_TEXTS}: one to train on, one each to validate and test forgetting on")
+
+
 def corpus_spec(dcfg) -> dict:
     """What the corpus depends on, for cache keys; a user's file counts by its content."""
-    spec = {"corpus": dcfg.corpus, "max_texts": dcfg.corpus_max_texts, "split_seed": dcfg.split_seed}
+    spec = {"corpus": dcfg.corpus, "max_texts": dcfg.corpus_max_texts, "split_seed": dcfg.split_seed,
+            "dedup": dedup.RULE}  # another rule is another corpus
     if dcfg.get("corpus_path"):
         spec["corpus_sha256"] = hashlib.sha256(Path(dcfg.corpus_path).read_bytes()).hexdigest()
     return spec
@@ -64,6 +77,9 @@ def check_corpus(dcfg) -> None:
         path = Path(dcfg.corpus_path)
         if not path.is_file():
             raise ConfigError(f"dataset.corpus_path={path} is not a file", "point it at a text file, one text per line")
+        distinct = len(dedup.first_occurrences(text_file_lines(path, dcfg.get("encoding") or "utf-8")))
+        if distinct < MIN_TEXTS:
+            raise too_few_texts(str(path), distinct)
         return
     if dcfg.corpus not in CORPORA:
         raise ConfigError(f"dataset.corpus={dcfg.corpus!r} is not supported",
@@ -72,14 +88,17 @@ def check_corpus(dcfg) -> None:
 
 
 def load_corpus(dcfg) -> Corpus:
+    """The corpus, deduplicated before it is shuffled (seeded), cut to dataset.corpus_max_texts and split."""
     if dcfg.get("corpus_path"):
         name, texts = str(dcfg.corpus_path), text_file_lines(Path(dcfg.corpus_path), dcfg.get("encoding") or "utf-8")
     else:
         name, texts = dcfg.corpus, CORPORA[dcfg.corpus]()
-    if len(texts) < 2:
-        raise ConfigError(f"corpus {name} holds {len(texts)} text(s)", "pretraining needs at least 2 lines of text")
+    texts = [texts[i] for i in dedup.first_occurrences(texts)]
     random.Random(dcfg.split_seed).shuffle(texts)
     if dcfg.corpus_max_texts:
         texts = texts[: dcfg.corpus_max_texts]
-    n_heldout = max(1, int(len(texts) * HELDOUT_FRACTION))
-    return Corpus(name=name, train=texts[n_heldout:], heldout=texts[:n_heldout])
+    if len(texts) < MIN_TEXTS:
+        raise too_few_texts(name, len(texts))
+    n_heldout = max(2, int(len(texts) * HELDOUT_FRACTION))  # at least a text in each held-out slice
+    heldout, n_validation = texts[:n_heldout], n_heldout // 2
+    return Corpus(name=name, train=texts[n_heldout:], validation=heldout[:n_validation], test=heldout[n_validation:])

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from maskrun.data.checks import check_dataset_file, read_json
+from maskrun.data.dedup import first_occurrences
 from maskrun.data.packaged import packaged_file
 from maskrun.errors import ConfigError
 
@@ -115,14 +116,11 @@ def check_task(dcfg) -> None:
 
 
 def deduplicate(texts: list[str], labels: list) -> tuple[list[str], list, int]:
-    """Drop empty texts and repeats of a text (its first label wins), so no text is in two splits."""
-    seen, kept_texts, kept_labels = set(), [], []
-    for text, label in zip(texts, labels):
-        if text and text not in seen:
-            seen.add(text)
-            kept_texts.append(text)
-            kept_labels.append(label)
-    return kept_texts, kept_labels, len(texts) - len(kept_texts)
+    """Drop empty texts and repeats of a text up to case, punctuation and whitespace (the first one and its label
+    win), so no text is in two splits."""
+    nonempty = [i for i, text in enumerate(texts) if text]
+    keep = [nonempty[i] for i in first_occurrences([texts[i] for i in nonempty])]
+    return [texts[i] for i in keep], [labels[i] for i in keep], len(texts) - len(keep)
 
 
 def label_ids(raw_labels: list) -> tuple[list[int], list[str]]:
