@@ -64,8 +64,7 @@ def too_few_texts(name: str, count: int) -> ConfigError:
 
 def corpus_spec(dcfg) -> dict:
     """What the corpus depends on, for cache keys; a user's file counts by its content."""
-    spec = {"corpus": dcfg.corpus, "max_texts": dcfg.corpus_max_texts, "split_seed": dcfg.split_seed,
-            "dedup": dedup.RULE}  # another rule is another corpus
+    spec = {"corpus": dcfg.corpus, "max_texts": dcfg.corpus_max_texts, "split_seed": dcfg.split_seed}
     if dcfg.get("corpus_path"):
         spec["corpus_sha256"] = hashlib.sha256(Path(dcfg.corpus_path).read_bytes()).hexdigest()
     return spec

@@ -7,7 +7,6 @@ with the pretraining training split is counted with it, so a text is never both 
 import re
 
 PUNCTUATION = re.compile(r"[^\w\s]|_")
-RULE = "casefold, no punctuation, collapsed whitespace"  # what text_key does, named in cache keys of deduplicated data
 
 
 def text_key(text: str) -> str:
