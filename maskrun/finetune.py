@@ -56,8 +56,12 @@ class Phase:
                                        num_warmup_steps=int(fcfg.warmup_ratio * steps), num_training_steps=steps)
 
     def step(self, max_grad_norm: float | None, scaler: torch.amp.GradScaler) -> float:
+        scale_before = scaler.get_scale()
         grad_norm = self.optimizer.step(max_grad_norm, scaler)
-        self.scheduler.step()
+        # The scaler skips a step whose gradients overflowed and lowers its scale; the schedule
+        # waits for a step that happened (as HF accelerate and Trainer do).
+        if scaler.get_scale() >= scale_before:
+            self.scheduler.step()
         return grad_norm
 
 

@@ -1,4 +1,4 @@
-"""The fine-tuning loop: mixed precision stays exact, accumulated steps, the two-phase recipe,
+"""The fine-tuning loop: mixed precision stays exact, accumulated steps, skipped fp16 steps, the two-phase recipe,
 input masking, early stopping."""
 
 import re
@@ -18,7 +18,7 @@ from maskrun.data.tasks import Split, TaskData
 from maskrun.cli import CONFIG_MODULE
 from maskrun.data.tokenizer import train_tokenizer
 from maskrun.errors import ConfigError
-from maskrun.finetune import Phase, finetune, mask_inputs
+from maskrun.finetune import Phase, collate, finetune, mask_inputs
 from maskrun.masks.random import build as random_mask
 from maskrun.validate import check_config, compose_jobs
 
@@ -124,6 +124,33 @@ def test_an_accumulated_step_has_the_gradient_of_its_examples_taken_as_one_batch
 def test_an_accumulated_step_logs_the_mean_loss_of_its_examples(tokenizer, task, monkeypatch):
     (accumulated, _), (whole, _) = accumulated_and_whole_batch_runs(tokenizer, task, monkeypatch)
     assert [h["loss"] for h in accumulated] == pytest.approx([h["loss"] for h in whole], rel=1e-6)
+
+
+def test_an_fp16_step_skipped_for_overflow_moves_neither_the_weights_nor_the_schedule(tokenizer, task):
+    model = tiny_model(tokenizer)
+    fcfg, ocfg = training_configs(precision="fp16")
+    phase = Phase(model, half_frozen(model), fcfg, ocfg, steps=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    batch = collate(tokenizer, tokenizer(task.train.texts[:8])["input_ids"])
+    labels = torch.tensor(task.train.labels[:8])
+
+    def backward(overflow: bool) -> None:
+        scaler.scale(model(**batch, labels=labels).loss).backward()
+        if overflow:  # the classifier is never frozen, so its gradient reaches the scaler
+            model.classifier.weight.grad[0, 0] = float("inf")
+
+    # A scheduler counts the steps it took in last_epoch.
+    backward(overflow=False)
+    phase.step(fcfg.max_grad_norm, scaler)
+    assert phase.scheduler.last_epoch == 1
+    learning_rate = phase.scheduler.get_last_lr()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    backward(overflow=True)
+    phase.step(fcfg.max_grad_norm, scaler)
+    assert phase.scheduler.last_epoch == 1 and phase.scheduler.get_last_lr() == learning_rate
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), before[name]), f"{name} moved in a skipped step"
 
 
 def test_unfreeze_after_trains_under_the_mask_then_releases_every_entry(tokenizer, task):
