@@ -36,6 +36,11 @@ def mask_inputs(input_ids: torch.Tensor, tokenizer, prob: float, generator: torc
     return input_ids.masked_fill(replace, tokenizer.mask_token_id)
 
 
+def warmup_steps(warmup_ratio: float, steps: int) -> int:
+    """Steps of learning-rate warmup, rounded up as transformers' TrainingArguments.get_warmup_steps does."""
+    return math.ceil(warmup_ratio * steps)
+
+
 def micro_batch_loss(model, tokenizer, ids: list[list[int]], labels: torch.Tensor, fcfg, device: torch.device,
                      noise_generator: torch.Generator) -> torch.Tensor:
     """The mean loss over one micro-batch, its inputs masked when `finetune.input_mask_prob` asks for it."""
@@ -53,7 +58,8 @@ class Phase:
     def __init__(self, model, frozen: dict[str, torch.Tensor], fcfg, ocfg, steps: int):
         self.optimizer = MaskedOptimizer(model, frozen, ocfg, fcfg.lr)
         self.scheduler = get_scheduler(fcfg.scheduler, self.optimizer.optimizer,
-                                       num_warmup_steps=int(fcfg.warmup_ratio * steps), num_training_steps=steps)
+                                       num_warmup_steps=warmup_steps(fcfg.warmup_ratio, steps),
+                                       num_training_steps=steps)
 
     def step(self, max_grad_norm: float | None, scaler: torch.amp.GradScaler) -> float:
         scale_before = scaler.get_scale()

@@ -1,5 +1,5 @@
-"""The fine-tuning loop: mixed precision stays exact, accumulated steps, skipped fp16 steps, the two-phase recipe,
-input masking, early stopping."""
+"""The fine-tuning loop: mixed precision stays exact, accumulated steps, skipped fp16 steps, warmup,
+the two-phase recipe, input masking, early stopping."""
 
 import re
 from importlib.resources import files
@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, TrainingArguments
 
 import maskrun.finetune
 from conftest import load_metrics
@@ -151,6 +151,17 @@ def test_an_fp16_step_skipped_for_overflow_moves_neither_the_weights_nor_the_sch
     assert phase.scheduler.last_epoch == 1 and phase.scheduler.get_last_lr() == learning_rate
     for name, param in model.named_parameters():
         assert torch.equal(param.detach(), before[name]), f"{name} moved in a skipped step"
+
+
+@pytest.mark.parametrize("steps", [10, 15, 558])  # 558: the default job's fine-tuning steps
+def test_warmup_lasts_as_many_steps_as_in_the_hf_trainer(tokenizer, steps):
+    fcfg, ocfg = training_configs(scheduler="linear", warmup_ratio=0.1)
+    phase = Phase(tiny_model(tokenizer), {}, fcfg, ocfg, steps)
+    learning_rate_factors = [phase.scheduler.lr_lambdas[0](step) for step in range(steps)]
+    # Building TrainingArguments needs accelerate; its get_warmup_steps reads only warmup_steps (below 1: a ratio).
+    hf_warmup_steps = TrainingArguments.get_warmup_steps(SimpleNamespace(warmup_steps=fcfg.warmup_ratio), steps)
+    # The linear schedule reaches its peak exactly when warmup ends.
+    assert learning_rate_factors.index(max(learning_rate_factors)) == hf_warmup_steps
 
 
 def test_unfreeze_after_trains_under_the_mask_then_releases_every_entry(tokenizer, task):
