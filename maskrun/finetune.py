@@ -29,17 +29,38 @@ def mask_inputs(input_ids: torch.Tensor, tokenizer, prob: float, generator: torc
     return input_ids.masked_fill(replace, tokenizer.mask_token_id)
 
 
+def warmup_steps(warmup_ratio: float, steps: int) -> int:
+    """Steps of learning-rate warmup, rounded up as transformers' TrainingArguments.get_warmup_steps does."""
+    return math.ceil(warmup_ratio * steps)
+
+
+def micro_batch_loss(model, tokenizer, ids: list[list[int]], labels: torch.Tensor, fcfg, device: torch.device,
+                     noise_generator: torch.Generator) -> torch.Tensor:
+    """The mean loss over one micro-batch, its inputs masked when `finetune.input_mask_prob` asks for it."""
+    batch = collate(tokenizer, ids)
+    if fcfg.input_mask_prob:
+        batch["input_ids"] = mask_inputs(batch["input_ids"], tokenizer, fcfg.input_mask_prob, noise_generator)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[fcfg.precision], enabled=fcfg.precision != "fp32"):
+        return model(**batch, labels=labels.to(device)).loss
+
+
 class Phase:
     """One optimizer with its learning-rate schedule: the masked phase, or the released one after it."""
 
     def __init__(self, model, frozen: dict[str, torch.Tensor], fcfg, ocfg, steps: int):
         self.optimizer = MaskedOptimizer(model, frozen, ocfg, fcfg.lr)
         self.scheduler = get_scheduler(fcfg.scheduler, self.optimizer.optimizer,
-                                       num_warmup_steps=int(fcfg.warmup_ratio * steps), num_training_steps=steps)
+                                       num_warmup_steps=warmup_steps(fcfg.warmup_ratio, steps),
+                                       num_training_steps=steps)
 
     def step(self, max_grad_norm: float | None, scaler: torch.amp.GradScaler) -> float:
+        scale_before = scaler.get_scale()
         grad_norm = self.optimizer.step(max_grad_norm, scaler)
-        self.scheduler.step()
+        # The scaler skips a step whose gradients overflowed and lowers its scale; the schedule
+        # waits for a step that happened (as HF accelerate and Trainer do).
+        if scaler.get_scale() >= scale_before:
+            self.scheduler.step()
         return grad_norm
 
 
@@ -91,23 +112,25 @@ def finetune(model, tokenizer, task, frozen: dict[str, torch.Tensor], fcfg, ocfg
             model.train()
             order = torch.randperm(len(train_ids), generator=order_generator).tolist()
             batches = [order[i:i + fcfg.batch_size] for i in range(0, len(order), fcfg.batch_size)]
-            for micro, rows in enumerate(batches, start=1):
-                batch = collate(tokenizer, [train_ids[i] for i in rows])
-                if fcfg.input_mask_prob:
-                    batch["input_ids"] = mask_inputs(batch["input_ids"], tokenizer, fcfg.input_mask_prob, noise_generator)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[fcfg.precision],
-                                    enabled=fcfg.precision != "fp32"):
-                    loss = model(**batch, labels=labels[rows].to(device)).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"fine-tuning loss became {loss.item()} at step {step + 1} (lower finetune.lr)")
-                scaler.scale(loss / fcfg.grad_accum).backward()
-                if micro % fcfg.grad_accum and micro != len(batches):
-                    continue
+            groups = [batches[i:i + fcfg.grad_accum] for i in range(0, len(batches), fcfg.grad_accum)]
+            for group in groups:
+                # Each micro-batch's mean loss is weighted by its share of the group's examples, so that
+                # the step's gradient and loss are the means over the group (also a short last group).
+                group_size = sum(len(rows) for rows in group)
+                step_loss = 0.0
+                for rows in group:
+                    loss = micro_batch_loss(model, tokenizer, [train_ids[i] for i in rows], labels[rows], fcfg,
+                                            device, noise_generator)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"fine-tuning loss became {loss.item()} at step {step + 1} (lower finetune.lr)")
+                    weight = len(rows) / group_size  # exactly 1.0 for a group of one micro-batch
+                    scaler.scale(loss * weight).backward()
+                    step_loss += loss.item() * weight
                 grad_norm = phase.step(fcfg.max_grad_norm, scaler)
                 step += 1
-                history["train"].append({"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": grad_norm})
-                progress.advance(loss=loss.item())
+                history["train"].append({"step": step, "epoch": epoch, "loss": step_loss, "grad_norm": grad_norm})
+                progress.advance(loss=step_loss)
             validation = {"step": step, "epoch": epoch,
                           **classify(model, tokenizer, task.validation, fcfg.max_length, device)}
             history["validation"].append(validation)

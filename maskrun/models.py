@@ -129,3 +129,12 @@ def pretrained_names(pretrained_dir: Path) -> set[str]:
     with safe_open(Path(pretrained_dir) / "model.safetensors", framework="pt") as f:
         return set(f.keys())
 
+
+def head_summary(task_model: torch.nn.Module, pretrained: set[str]) -> dict:
+    """The head: every parameter of the task model not in the pretrained checkpoint, in model order.
+
+    It is never masked and always trains: the new classifier, and for a BERT pretrained here its
+    pooler too (a masked-LM model has none, so the checkpoint does not hold it).
+    """
+    head = {name: param for name, param in task_model.named_parameters() if name not in pretrained}
+    return {"head_parameters": list(head), "head_entries": sum(param.numel() for param in head.values())}

@@ -20,7 +20,7 @@ from maskrun.evaluate import classify, interference
 from maskrun.finetune import finetune
 from maskrun.masks import MASK_FILE, cached_mask, eligible_parameters, mask_summary, needs_scores
 from maskrun.masks.scores import compute_scores, read_scores, write_scores
-from maskrun.models import load_task_model, pretrained_names, pretrained_source
+from maskrun.models import head_summary, load_task_model, pretrained_names, pretrained_source
 from maskrun.pretrain import pretrain, pretraining_objective
 from maskrun.sequential import fine_tune_next
 
@@ -62,7 +62,7 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
         mask_file, hits["mask"] = cached_mask(cache, stages.mask(cfg, pretrained_dir, scores_dir), cfg, params, scores)
         shutil.copyfile(mask_file, run_dir / MASK_FILE)
         frozen = load_file(run_dir / MASK_FILE)
-        metrics["mask"] = mask_summary(cfg.mask, frozen)
+        metrics["mask"] = mask_summary(cfg.mask, frozen) | head_summary(model, pretrained_names(pretrained_dir))
 
     with stage_timer(timing, "finetune"):
         history = finetune(model, tokenizer, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed)

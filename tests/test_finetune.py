@@ -1,4 +1,5 @@
-"""The fine-tuning loop: mixed precision stays exact, the two-phase recipe, input masking, early stopping."""
+"""The fine-tuning loop: mixed precision stays exact, accumulated steps, skipped fp16 steps, warmup,
+the two-phase recipe, input masking, early stopping."""
 
 import re
 from importlib.resources import files
@@ -9,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, TrainingArguments
 
 import maskrun.finetune
 from conftest import load_metrics
@@ -17,7 +18,7 @@ from maskrun.data.tasks import Split, TaskData
 from maskrun.cli import CONFIG_MODULE
 from maskrun.data.tokenizer import train_tokenizer
 from maskrun.errors import ConfigError
-from maskrun.finetune import finetune, mask_inputs
+from maskrun.finetune import Phase, collate, finetune, mask_inputs
 from maskrun.masks.random import build as random_mask
 from maskrun.validate import check_config, compose_jobs
 
@@ -39,10 +40,11 @@ def task() -> TaskData:
     return TaskData("toy", ["bad", "good"], train=split, validation=Split(GOOD + BAD, [1] * 4 + [0] * 4), test=split)
 
 
-def tiny_model(tokenizer) -> BertForSequenceClassification:
+def tiny_model(tokenizer, **config_overrides) -> BertForSequenceClassification:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, pad_token_id=tokenizer.pad_token_id)
+                        intermediate_size=32, max_position_embeddings=32, pad_token_id=tokenizer.pad_token_id,
+                        **config_overrides)
     return BertForSequenceClassification(config)
 
 
@@ -51,10 +53,16 @@ def half_frozen(model) -> dict[str, torch.Tensor]:
     return random_mask(SimpleNamespace(ratio=0.5, allocation="global", granularity="element"), backbone, None, seed=0)
 
 
-def train(model, tokenizer, task, frozen, **overrides) -> dict:
+def training_configs(**overrides):
+    """The finetune and optimizer sections of the packaged config, sized for the toy task."""
     defaults = OmegaConf.load(files("maskrun.conf") / "config.yaml").finetune
     fcfg = OmegaConf.merge(defaults, {"epochs": 2, "batch_size": 8, "max_length": 16, "lr": 1e-2}, overrides)
     ocfg = OmegaConf.merge(OmegaConf.load(files("maskrun.conf") / "optimizer" / "adamw.yaml"), {"weight_decay": 0.1})
+    return fcfg, ocfg
+
+
+def train(model, tokenizer, task, frozen, **overrides) -> dict:
+    fcfg, ocfg = training_configs(**overrides)
     return finetune(model, tokenizer, task, frozen, fcfg, ocfg, torch.device("cpu"), seed=0)
 
 
@@ -76,6 +84,84 @@ def test_mixed_precision_on_cpu_keeps_every_frozen_entry_exact(tokenizer, task, 
     train(model, tokenizer, task, frozen, precision=precision)
     assert frozen_moved(model, before, frozen) == 0
     assert trainable_moved(model, before, frozen) > 0
+
+
+def accumulated_and_whole_batch_runs(tokenizer, task, monkeypatch) -> list[tuple[list[dict], list]]:
+    """One epoch in micro-batches of 4 accumulated 3 at a time, and one in batches of 12: (history, gradients) each.
+
+    30 examples: the micro-batches of 4 (the last one of 2) in groups of 3 hold the same examples, in the
+    same order, as the batches of 12 (the last one of 6, a short last group). lr=0 keeps the weights where
+    they are, so both runs take every step's gradient at the same point; dropout is off so that the
+    forward passes match. The gradients are recorded as each step receives them, before clipping.
+    """
+    train_split = Split(task.train.texts[:30], task.train.labels[:30])
+    small_task = TaskData("toy", task.label_names, train=train_split, validation=task.validation, test=task.test)
+    phase_step = Phase.step
+
+    def recording_step(phase, *args):
+        step_gradients.append([p.grad.clone() for p in phase.optimizer.trainable_tensors()])
+        return phase_step(phase, *args)
+
+    monkeypatch.setattr(Phase, "step", recording_step)
+    runs = []
+    for batch_size, grad_accum in [(4, 3), (12, 1)]:
+        step_gradients = []
+        model = tiny_model(tokenizer, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        history = train(model, tokenizer, small_task, {}, epochs=1, lr=0.0, batch_size=batch_size,
+                        grad_accum=grad_accum)
+        runs.append((history["train"], step_gradients))
+    return runs
+
+
+def test_an_accumulated_step_has_the_gradient_of_its_examples_taken_as_one_batch(tokenizer, task, monkeypatch):
+    (_, accumulated_gradients), (_, whole_gradients) = accumulated_and_whole_batch_runs(tokenizer, task, monkeypatch)
+    assert len(accumulated_gradients) == len(whole_gradients) == 3
+    for step, (accumulated, whole) in enumerate(zip(accumulated_gradients, whole_gradients), start=1):
+        for accumulated_grad, whole_grad in zip(accumulated, whole, strict=True):
+            torch.testing.assert_close(accumulated_grad, whole_grad, rtol=0, atol=1e-6, msg=f"step {step}")
+
+
+def test_an_accumulated_step_logs_the_mean_loss_of_its_examples(tokenizer, task, monkeypatch):
+    (accumulated, _), (whole, _) = accumulated_and_whole_batch_runs(tokenizer, task, monkeypatch)
+    assert [h["loss"] for h in accumulated] == pytest.approx([h["loss"] for h in whole], rel=1e-6)
+
+
+def test_an_fp16_step_skipped_for_overflow_moves_neither_the_weights_nor_the_schedule(tokenizer, task):
+    model = tiny_model(tokenizer)
+    fcfg, ocfg = training_configs(precision="fp16")
+    phase = Phase(model, half_frozen(model), fcfg, ocfg, steps=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    batch = collate(tokenizer, tokenizer(task.train.texts[:8])["input_ids"])
+    labels = torch.tensor(task.train.labels[:8])
+
+    def backward(overflow: bool) -> None:
+        scaler.scale(model(**batch, labels=labels).loss).backward()
+        if overflow:  # the classifier is never frozen, so its gradient reaches the scaler
+            model.classifier.weight.grad[0, 0] = float("inf")
+
+    # A scheduler counts the steps it took in last_epoch.
+    backward(overflow=False)
+    phase.step(fcfg.max_grad_norm, scaler)
+    assert phase.scheduler.last_epoch == 1
+    learning_rate = phase.scheduler.get_last_lr()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    backward(overflow=True)
+    phase.step(fcfg.max_grad_norm, scaler)
+    assert phase.scheduler.last_epoch == 1 and phase.scheduler.get_last_lr() == learning_rate
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), before[name]), f"{name} moved in a skipped step"
+
+
+@pytest.mark.parametrize("steps", [10, 15, 558])  # 558: the default job's fine-tuning steps
+def test_warmup_lasts_as_many_steps_as_in_the_hf_trainer(tokenizer, steps):
+    fcfg, ocfg = training_configs(scheduler="linear", warmup_ratio=0.1)
+    phase = Phase(tiny_model(tokenizer), {}, fcfg, ocfg, steps)
+    learning_rate_factors = [phase.scheduler.lr_lambdas[0](step) for step in range(steps)]
+    # Building TrainingArguments needs accelerate; its get_warmup_steps reads only warmup_steps (below 1: a ratio).
+    hf_warmup_steps = TrainingArguments.get_warmup_steps(SimpleNamespace(warmup_steps=fcfg.warmup_ratio), steps)
+    # The linear schedule reaches its peak exactly when warmup ends.
+    assert learning_rate_factors.index(max(learning_rate_factors)) == hf_warmup_steps
 
 
 def test_unfreeze_after_trains_under_the_mask_then_releases_every_entry(tokenizer, task):
