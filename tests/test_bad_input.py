@@ -104,7 +104,7 @@ BAD_COMMAND_LINES = [
     (["model=tiny_gpt", "mask.include=[attention]"], "leave no backbone parameter to mask"),  # GPT-2 says attn
     (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path=/no/such/model does not exist"),
     (["model=hf", "model.name_or_path=an_empty_dir"], "model.name_or_path=an_empty_dir cannot be loaded"),
-    (["dataset.train_size=100000000"], "dataset.train_size=100000000 exceeds the 8926 training examples"),
+    (["dataset.train_size=100000000"], "dataset.train_size=100000000 exceeds the 8925 training examples"),
     (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "seed=0,1"], "hydra.launcher.n_jobs=0"),
     (["-m", "hydra/launcher=slurm", "seed=0,1"], "srun is not on this machine's PATH"),
     (["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=0"], "hydra.launcher.timeout_min=0"),

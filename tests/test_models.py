@@ -63,7 +63,8 @@ def model_sweep(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("models")
     maskrun(["-m", "experiment=smoke", "model=tiny_gpt,minilm", "dataset=bbc_news", "mask=random", "mask.ratio=0.5",
              "pretrain.steps=0", "dataset.max_examples=40", "finetune.epochs=1", "finetune.batch_size=32",
-             "finetune.max_length=16", "pretrain.max_length=16", "eval.heldout_texts=8"], cwd)
+             "finetune.max_length=16", "pretrain.max_length=16", "eval.heldout_texts=8",
+             "finetune.warmup_ratio=0"], cwd)  # one step: a warmup step would leave it at learning rate 0
     runs = {load_metrics(d)["choices"]["model"]: (load_metrics(d), d) for d in run_dirs(cwd / "outputs")}
     return runs, cwd
 

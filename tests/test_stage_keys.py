@@ -77,7 +77,7 @@ def run_copy(package_root: Path, args: list[str], cwd: Path) -> subprocess.Compl
 def test_an_uncommitted_edit_is_recomputed_from_the_first_stage_it_affects(tmp_path):
     """The same settings and cache, run by the code as it is and by a copy whose evaluation was edited."""
     original, edited = copy_of_maskrun(tmp_path / "original"), copy_of_maskrun(tmp_path / "edited")
-    edit(edited / "evaluate.py", '"forgetting": None if objective is None else loss_after - loss_before',
+    edit(edited / "evaluate.py", '"forgetting": None if loss_before is None else loss_after - loss_before',
          '"forgetting": 12345.0')
     args = ["experiment=smoke", "pretrain.steps=2", "finetune.epochs=1", "dataset.max_examples=120",
             f"cache_dir={tmp_path / 'cache'}"]
@@ -94,7 +94,7 @@ def test_an_uncommitted_edit_is_recomputed_from_the_first_stage_it_affects(tmp_p
 
 def test_resume_in_the_same_run_dir_reruns_a_job_that_other_code_finished(tmp_path):
     original, edited = copy_of_maskrun(tmp_path / "original"), copy_of_maskrun(tmp_path / "edited")
-    edit(edited / "evaluate.py", '"forgetting": None if objective is None else loss_after - loss_before',
+    edit(edited / "evaluate.py", '"forgetting": None if loss_before is None else loss_after - loss_before',
          '"forgetting": 12345.0')
     args = ["experiment=smoke", "pretrain.steps=2", "finetune.epochs=1", "dataset.max_examples=120",
             f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
