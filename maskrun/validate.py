@@ -276,7 +276,7 @@ def check_mask(mask: DictConfig) -> None:
     if "fisher" in mask:
         one_of(mask.fisher, FISHER, "mask.fisher")
     for key in ("calib_batches", "calib_batch_size", "clusters"):
-        if key in mask:
+        if key in mask and not (key == "calib_batches" and mask[key] is None):  # null: the whole training split
             positive_int(mask[key], f"mask.{key}")
     for key in ("include", "exclude"):
         for pattern in mask[key] or []:
