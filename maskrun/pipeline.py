@@ -19,7 +19,7 @@ from maskrun.data.tokenizer import prepare_tokenizer, tokenizer_spec
 from maskrun.devices import resolve_device
 from maskrun.evaluate import classify, interference
 from maskrun.finetune import finetune
-from maskrun.masks import MASK_FILE, cached_mask, eligible_parameters, mask_summary, needs_scores
+from maskrun.masks import MASK_FILE, cached_mask, eligible_parameters, mask_summary, needs_scores, neuron_axes
 from maskrun.masks.scores import cached_scores
 from maskrun.models import load_task_model, pretrained_names, pretrained_source
 from maskrun.pretrain import pretrain, pretraining_objective
@@ -57,10 +57,11 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
         torch.manual_seed(cfg.seed)  # the new head's initialisation must not depend on which stages were cache hits
         model = load_task_model(pretrained_dir, task.num_labels).to(device)
         params = eligible_parameters(model, pretrained_names(pretrained_dir), cfg.mask.include, cfg.mask.exclude)
-        mask_file, hits["mask"] = cached_mask(cache, cfg, params, scores, pretrained_dir)
+        mask_file, tied_share, hits["mask"] = cached_mask(cache, cfg, params, neuron_axes(model, params), scores,
+                                                          pretrained_dir)
         shutil.copyfile(mask_file, run_dir / MASK_FILE)
         frozen = load_file(run_dir / MASK_FILE)
-        metrics["mask"] = mask_summary(cfg.mask, frozen)
+        metrics["mask"] = mask_summary(cfg.mask, frozen, tied_share)
 
     with stage_timer(timing, "finetune"):
         history = finetune(model, tokenizer, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed)
@@ -90,7 +91,8 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
 
     if cfg.sequential.dataset:
         with stage_timer(timing, "sequential"):
-            metrics["sequential"] = fine_tune_next(model, task, frozen, pretrained_dir, tokenizer, cfg, device, run_dir)
+            metrics["sequential"] = fine_tune_next(model, task, frozen, tied_share, pretrained_dir, tokenizer, cfg, device,
+                                                   run_dir)
 
 
 def plain(node) -> dict:
