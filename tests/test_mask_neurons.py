@@ -1,4 +1,4 @@
-"""Units: a row is an output neuron whatever the module's layout."""
+"""Units: a row is an output neuron whatever the module's layout, and random masks treat every unit alike."""
 
 from pathlib import Path
 
@@ -6,11 +6,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, GPT2Config,
+                          GPT2ForSequenceClassification)
 from transformers.pytorch_utils import Conv1D
 
 from conftest import load_metrics, maskrun, run_dirs
 from maskrun import masks
+from maskrun.masks import select
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "mask"
 
@@ -68,3 +70,48 @@ def test_the_cli_freezes_whole_output_columns_of_tiny_gpt(tmp_path):
     assert conv1d_weights(model)
     for name in conv1d_weights(model):
         assert torch.equal(frozen[name].all(0), frozen[name].any(0)), f"{name}: not whole output columns"
+
+
+@pytest.fixture(scope="module")
+def bert() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    max_position_embeddings=32))
+
+
+@pytest.fixture(scope="module")
+def bert_params(bert) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in backbone(bert).items() if "pooler" not in name}
+
+
+@pytest.fixture(scope="module")
+def random_masks(bert, bert_params):
+    """The random strategy's masks of the tiny BERT's backbone."""
+    axes = masks.neuron_axes(bert, bert_params)
+
+    def build(granularity: str, ratio: float, seed: int) -> dict[str, torch.Tensor]:
+        mcfg = mask_cfg("random", ratio=ratio, granularity=granularity)
+        return masks.build_mask(mcfg, bert_params, None, seed, axes).masks
+    return build
+
+
+def test_random_rows_freeze_vector_entries_and_matrix_rows_alike(bert_params, random_masks):
+    vectors, matrices = [n for n, p in bert_params.items() if p.dim() == 1], [n for n, p in bert_params.items() if p.dim() == 2]
+    frozen = {"vector entries": [], "matrix rows": []}
+    for seed in range(100):
+        m = random_masks("row", 0.1, seed)
+        frozen["vector entries"].append(float(torch.cat([m[n] for n in vectors]).float().mean()))
+        frozen["matrix rows"].append(float(torch.cat([select.as_units(m[n], "row").all(1) for n in matrices]).float().mean()))
+    shares = {unit: sum(values) / len(values) for unit, values in frozen.items()}
+    assert all(abs(share - 0.1) < 0.02 for share in shares.values()), shares
+
+
+def test_random_tensors_freeze_vectors_and_matrices_alike(bert_params, random_masks):
+    rate = {1: [], 2: []}
+    for seed in range(300):
+        m = random_masks("tensor", 0.3, seed)
+        for name, p in bert_params.items():
+            rate[p.dim()].append(float(m[name].all()))
+    vectors, matrices = (sum(r) / len(r) for r in (rate[1], rate[2]))
+    assert abs(vectors - matrices) < 0.05, f"vectors frozen at {vectors:.3f}, matrices at {matrices:.3f}"
