@@ -64,12 +64,14 @@ def assert_exact_lowest(scores: list[torch.Tensor], masks: list[torch.Tensor], k
     `tied` is the number frozen at that score when some entry of that score stays trainable, else 0."""
     values, frozen = flat(scores), flat(masks)
     assert int(frozen.sum()) == k
-    if 0 < k:
-        cut = values.kthvalue(k).values
-        assert bool(frozen[values < cut].all()) and not bool(frozen[values > cut].any())
-        at_cut = values == cut
-        if tied is not None:
-            assert tied == (int((at_cut & frozen).sum()) if bool((at_cut & ~frozen).any()) else 0)
+    if k == 0:
+        assert not tied
+        return
+    cut = values.kthvalue(k).values
+    assert bool(frozen[values < cut].all()) and not bool(frozen[values > cut].any())
+    at_cut = values == cut
+    if tied is not None:
+        assert tied == (int((at_cut & frozen).sum()) if bool((at_cut & ~frozen).any()) else 0)
 
 
 @pytest.mark.parametrize("strategy", ["random", "importance", "similarity"])
