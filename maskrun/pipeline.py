@@ -18,7 +18,8 @@ from maskrun.data.tokenizer import prepare_tokenizer
 from maskrun.devices import resolve_device
 from maskrun.evaluate import classify, interference
 from maskrun.finetune import finetune
-from maskrun.masks import MASK_FILE, cached_mask, eligible_parameters, mask_summary, needs_scores
+from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, needs_scores, neuron_axes,
+                           read_tied_share, write_mask)
 from maskrun.masks.scores import compute_scores, read_scores, write_scores
 from maskrun.models import head_summary, load_task_model, pretrained_names, pretrained_source
 from maskrun.pretrain import pretrain, pretraining_objective
@@ -53,16 +54,18 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
                 "scores", stages.scores(cfg, pretrained_dir),
                 lambda out: write_scores(compute_scores(cfg.mask, pretrained_dir, task, tokenizer,
                                                         cfg.finetune.max_length, device, cfg.seed), out))
-        scores = read_scores(scores_dir) if scores_dir else None
 
     with stage_timer(timing, "mask"):
         torch.manual_seed(cfg.seed)  # the new head's initialisation must not depend on which stages were cache hits
         model = load_task_model(pretrained_dir, task.num_labels).to(device)
         params = eligible_parameters(model, pretrained_names(pretrained_dir), cfg.mask.include, cfg.mask.exclude)
-        mask_file, hits["mask"] = cached_mask(cache, stages.mask(cfg, pretrained_dir, scores_dir), cfg, params, scores)
-        shutil.copyfile(mask_file, run_dir / MASK_FILE)
-        frozen = load_file(run_dir / MASK_FILE)
-        metrics["mask"] = mask_summary(cfg.mask, frozen) | head_summary(model, pretrained_names(pretrained_dir))
+        mask_dir, hits["mask"] = cache.fetch(
+            "mask", stages.mask(cfg, pretrained_dir, scores_dir),
+            lambda out: write_mask(build_mask(cfg.mask, params, scores_dir and read_scores(scores_dir), cfg.seed,
+                                              neuron_axes(model, params)), out))
+        shutil.copyfile(mask_dir / MASK_FILE, run_dir / MASK_FILE)
+        frozen, tied_share = load_file(run_dir / MASK_FILE), read_tied_share(mask_dir)
+        metrics["mask"] = mask_summary(cfg.mask, frozen, tied_share) | head_summary(model, pretrained_names(pretrained_dir))
 
     with stage_timer(timing, "finetune"):
         history = finetune(model, tokenizer, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed)
@@ -92,7 +95,8 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
 
     if cfg.sequential.dataset:
         with stage_timer(timing, "sequential"):
-            metrics["sequential"] = fine_tune_next(model, task, frozen, pretrained_dir, tokenizer, cfg, device, run_dir)
+            metrics["sequential"] = fine_tune_next(model, task, frozen, tied_share, pretrained_dir, tokenizer, cfg, device,
+                                                   run_dir)
 
 
 @contextmanager

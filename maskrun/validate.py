@@ -236,7 +236,8 @@ def realized_share(model_yaml: str, mask_yaml: str) -> float:
     # scores, and the seed, change nothing: the stand-ins serve as both, and seed 0 as any seed.
     stand_ins = {name: torch.zeros(()).expand(shape) for name, shape in backbone_shapes(model_yaml).items()
                  if selected(name, mask.include, mask.exclude)}
-    return mask_summary(mask, build_mask(mask, stand_ins, stand_ins, 0))["ratio_actual"]
+    selection = build_mask(mask, stand_ins, stand_ins, 0, axes={name: 0 for name in stand_ins})  # whole tensors: any axis
+    return mask_summary(mask, selection.masks, selection.tied_share)["ratio_actual"]
 
 
 @functools.lru_cache(maxsize=None)  # the jobs of a sweep share their model
@@ -350,7 +351,7 @@ def check_mask(mask: DictConfig) -> None:
     if "fisher" in mask:
         one_of(mask.fisher, FISHER, "mask.fisher")
     for key in ("calib_batches", "calib_batch_size", "clusters"):
-        if key in mask:
+        if key in mask and not (key == "calib_batches" and mask[key] is None):  # null: the whole training split
             positive_int(mask[key], f"mask.{key}")
     for key in ("include", "exclude"):
         for pattern in mask[key] or []:

@@ -65,7 +65,8 @@ def main() -> None:
     entries = sum(s.numel() for s in scores.values())
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
-    methods = {"maskrun": lambda s: freeze_lowest(s, RATIO), "concat+kthvalue": concat_kthvalue}
+    methods = {"maskrun": lambda s: freeze_lowest(s, RATIO, "global", "element", seed=0).masks,
+               "concat+kthvalue": concat_kthvalue}
     results = {name: [] for name in methods}
     for _ in range(args.repeats):
         for name, select in methods.items():

@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -14,7 +15,7 @@ from conftest import load_metrics, maskrun, run_dirs
 from maskrun.data.tasks import Split, TaskData
 from maskrun.data.tokenizer import train_tokenizer
 from maskrun.errors import ConfigError
-from maskrun.masks import build_mask, mask_summary
+from maskrun.masks import build_mask, mask_summary, neuron_axes
 from maskrun.masks.analytics import frozen_share, mask_overlap, parameter_type
 from maskrun.masks.scores import compute_scores
 from maskrun.masks.select import allocation_groups, as_units, freeze_k_lowest, freeze_lowest, lowest_entries
@@ -31,10 +32,14 @@ def mask_cfg(strategy: str, **overrides):
 
 
 @pytest.fixture(scope="module")
-def params() -> dict[str, torch.Tensor]:
-    """The backbone of a tiny BERT classifier: every parameter but the new head."""
+def model() -> BertForSequenceClassification:
     torch.manual_seed(0)
-    model = BertForSequenceClassification(TINY)
+    return BertForSequenceClassification(TINY)
+
+
+@pytest.fixture(scope="module")
+def params(model) -> dict[str, torch.Tensor]:
+    """The backbone of a tiny BERT classifier: every parameter but the new head."""
     return {n: p.detach() for n, p in model.named_parameters() if not n.startswith(("classifier", "bert.pooler"))}
 
 
@@ -43,25 +48,39 @@ def scores(params) -> dict[str, torch.Tensor]:
     return {name: p.abs() for name, p in params.items()}
 
 
-def stable_lowest(scores: list[torch.Tensor], k: int) -> torch.Tensor:
-    """Reference: the first k positions of a stable sort of every entry, concatenated."""
-    flat = torch.cat([s.flatten() for s in scores])
-    frozen = torch.zeros(flat.numel(), dtype=torch.bool)
-    frozen[torch.sort(flat, stable=True).indices[:k]] = True
-    return frozen
+@pytest.fixture(scope="module")
+def build(model, params):
+    """build_mask on the tiny BERT's backbone."""
+    axes = neuron_axes(model, params)
+    return lambda mcfg, scores, seed=0: build_mask(mcfg, params, scores, seed, axes)
 
 
 def flat(masks) -> torch.Tensor:
     return torch.cat([m.flatten() for m in (masks.values() if isinstance(masks, dict) else masks)])
 
 
+def assert_exact_lowest(scores: list[torch.Tensor], masks: list[torch.Tensor], k: int, tied: int | None = None) -> None:
+    """Exactly k frozen, every entry strictly below the k-th lowest score frozen and none strictly above;
+    `tied` is the number frozen at that score when some entry of that score stays trainable, else 0."""
+    values, frozen = flat(scores), flat(masks)
+    assert int(frozen.sum()) == k
+    if k == 0:
+        assert not tied
+        return
+    cut = values.kthvalue(k).values
+    assert bool(frozen[values < cut].all()) and not bool(frozen[values > cut].any())
+    at_cut = values == cut
+    if tied is not None:
+        assert tied == (int((at_cut & frozen).sum()) if bool((at_cut & ~frozen).any()) else 0)
+
+
 @pytest.mark.parametrize("strategy", ["random", "importance", "similarity"])
 @pytest.mark.parametrize("allocation", ["global", "per_tensor", "per_layer"])
 @pytest.mark.parametrize("ratio", [0.3, 0.7])
-def test_every_strategy_and_allocation_hits_its_ratio(params, scores, strategy, allocation, ratio):
+def test_every_strategy_and_allocation_hits_its_ratio(build, params, scores, strategy, allocation, ratio):
     mcfg = mask_cfg(strategy, ratio=ratio, allocation=allocation)
-    masks = build_mask(mcfg, params, scores, seed=0)
-    summary = mask_summary(mcfg, masks)
+    selection = build(mcfg, scores)
+    masks, summary = selection.masks, mask_summary(mcfg, selection.masks, selection.tied_share)
     assert {n: m.shape for n, m in masks.items()} == {n: p.shape for n, p in params.items()}
     if mcfg.granularity == "element":
         assert summary["frozen"] == round(ratio * summary["eligible"])
@@ -74,7 +93,7 @@ def test_every_strategy_and_allocation_hits_its_ratio(params, scores, strategy, 
 
 @pytest.mark.parametrize("granularity", ["row", "tensor"])
 def test_row_and_tensor_granularity_freeze_whole_units_close_to_the_ratio(params, scores, granularity):
-    masks = freeze_lowest(scores, 0.5, "global", granularity)
+    masks = freeze_lowest(scores, 0.5, "global", granularity, seed=0).masks
     for name, m in masks.items():
         units = as_units(m, granularity)
         assert torch.equal(units.all(1), units.any(1)), f"{name}: a {granularity} is partly frozen"
@@ -82,18 +101,26 @@ def test_row_and_tensor_granularity_freeze_whole_units_close_to_the_ratio(params
     assert abs(int(flat(masks).sum()) - 0.5 * flat(masks).numel()) <= largest_unit
 
 
-def test_importance_freezes_exactly_the_lowest_and_most_important_the_highest(params):
+@pytest.mark.parametrize("freeze", ["least_important", "most_important"])
+def test_importance_freezes_exactly_the_lowest_and_draws_among_ties(build, params, freeze):
     generator = torch.Generator().manual_seed(1)
     tied = {name: torch.randint(0, 5, p.shape, generator=generator).float() for name, p in params.items()}
-    n = sum(p.numel() for p in params.values())
-    least = build_mask(mask_cfg("importance", ratio=0.4), params, tied, seed=0)
-    most = build_mask(mask_cfg("importance", ratio=0.4, freeze="most_important"), params, tied, seed=0)
-    assert torch.equal(flat(least), stable_lowest(list(tied.values()), round(0.4 * n)))
-    assert torch.equal(flat(most), stable_lowest([-s for s in tied.values()], round(0.4 * n)))
+    ranked = [s if freeze == "least_important" else -s for s in tied.values()]
+    k = round(0.4 * sum(p.numel() for p in params.values()))
+    mcfg = mask_cfg("importance", ratio=0.4, freeze=freeze)
+    masks = [flat(build(mcfg, tied, seed).masks) for seed in range(100)]
+    for m in masks:
+        assert_exact_lowest(ranked, [m], k)
+    values = flat(ranked)
+    at_cut = (values == values.kthvalue(k).values).nonzero().squeeze(1)
+    first, last = at_cut[:len(at_cut) // 2], at_cut[len(at_cut) // 2:]  # the tie group in parameter order
+    share = [float(torch.stack([m[half] for m in masks]).float().mean()) for half in (first, last)]
+    assert 0 < share[0] < 1 and abs(share[0] - share[1]) < 0.02, f"ties not drawn uniformly: {share}"
+    assert torch.equal(flat(build(mcfg, tied, seed=0).masks), masks[0]) and not torch.equal(masks[0], masks[1])
 
 
 @pytest.mark.parametrize("kind", ["ties", "normal", "negative zero"])
-def test_global_selection_matches_a_stable_sort_on_large_inputs(kind):
+def test_global_selection_is_exact_on_large_inputs(kind):
     generator = torch.Generator().manual_seed(2)
     sizes = [300_000, 7, 200_001]
     if kind == "ties":
@@ -103,22 +130,24 @@ def test_global_selection_matches_a_stable_sort_on_large_inputs(kind):
     else:
         scores = [torch.randint(0, 2, (n,), generator=generator).float() * torch.tensor(-0.0) for n in sizes]
     for k in (0, 1, 123_457, 250_000, sum(sizes) - 1, sum(sizes)):
-        assert torch.equal(flat(lowest_entries(scores, k)), stable_lowest(scores, k)), k
+        masks, tied = lowest_entries(scores, k, np.random.default_rng(0))
+        assert_exact_lowest(scores, masks, k, tied)
 
 
 @pytest.mark.parametrize("bracket", [(5.0, 6.0), (-6.0, -5.0), (0.0, 0.0)])
 def test_a_bracket_that_misses_the_threshold_still_gives_the_exact_mask(bracket):
     values = torch.randn(10_000, generator=torch.Generator().manual_seed(3))
     mask = torch.zeros(values.numel(), dtype=torch.bool)
-    freeze_k_lowest([(values.numpy(), mask.numpy())], 4321, bracket)
-    assert torch.equal(mask, stable_lowest([values], 4321))
+    tied = freeze_k_lowest([(values.numpy(), mask.numpy())], 4321, bracket, np.random.default_rng(0))
+    assert_exact_lowest([values], [mask], 4321, tied)
 
 
-def test_layers_freezes_whole_bottom_layers_first(params):
+def test_layers_freezes_whole_bottom_layers_first(build, params):
     bottom_up = ["embeddings", "encoder.layer.0.", "encoder.layer.1."]
     sizes = [sum(p.numel() for n, p in params.items() if part in n) for part in bottom_up]
     for ratio in (0.0, 0.2, 0.5, 0.8, 0.95, 1.0):
-        masks = build_mask(mask_cfg("layers", ratio=ratio), params, None, seed=0)
+        selection = build(mask_cfg("layers", ratio=ratio), None)
+        masks = selection.masks
         frozen_layers = []
         for part in bottom_up:
             layer = [m for n, m in masks.items() if part in n]
@@ -127,13 +156,15 @@ def test_layers_freezes_whole_bottom_layers_first(params):
         assert frozen_layers == sorted(frozen_layers, reverse=True), f"r={ratio}: not a bottom-up prefix {frozen_layers}"
         prefix_totals = [sum(sizes[:i]) for i in range(4)]
         best = min(prefix_totals, key=lambda t: abs(t - ratio * sum(sizes)))
-        assert mask_summary(mask_cfg("layers", ratio=ratio), masks)["frozen"] == best
+        summary = mask_summary(mask_cfg("layers", ratio=ratio), masks, selection.tied_share)
+        assert summary["frozen"] == best and summary["tied_share"] == 0.0
 
 
-def test_similarity_leaves_every_cluster_a_trainable_member(params, scores):
+def test_similarity_leaves_every_cluster_a_trainable_member(build, params, scores):
     mcfg = mask_cfg("similarity", ratio=0.6, clusters=4)
-    masks = build_mask(mcfg, params, scores, seed=0)
-    assert abs(mask_summary(mcfg, masks)["ratio_actual"] - 0.6) <= 0.02
+    selection = build(mcfg, scores)
+    masks = selection.masks
+    assert abs(mask_summary(mcfg, masks, selection.tied_share)["ratio_actual"] - 0.6) <= 0.02
     for name, p in params.items():
         labels = cluster_rows(as_units(p, "row"), mcfg.clusters, seed=0)
         row_frozen = as_units(masks[name], "row").all(1)
@@ -144,17 +175,17 @@ def test_similarity_leaves_every_cluster_a_trainable_member(params, scores):
 def test_similarity_freezes_less_important_rows_of_a_cluster_first():
     rows = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)  # two obvious clusters
     importance = torch.tensor([[4.0, 4], [1, 1], [3, 3], [2, 2], [8, 8], [5, 5], [7, 7], [6, 6]])
-    masks = build_mask(mask_cfg("similarity", ratio=0.5, clusters=2), {"w": rows}, {"w": importance}, seed=0)
+    masks = build_mask(mask_cfg("similarity", ratio=0.5, clusters=2), {"w": rows}, {"w": importance}, 0, {"w": 0}).masks
     assert as_units(masks["w"], "row").all(1).tolist() == [False, True, False, True, False, True, False, True]
 
 
 @pytest.mark.parametrize("strategy", ["random", "similarity", "importance"])
-def test_same_seed_gives_the_same_mask(params, scores, strategy):
+def test_same_seed_gives_the_same_mask(build, scores, strategy):
     mcfg = mask_cfg(strategy, ratio=0.5)
-    first, again = (flat(build_mask(mcfg, params, scores, seed=7)) for _ in range(2))
+    first, again = (flat(build(mcfg, scores, seed=7).masks) for _ in range(2))
     assert torch.equal(first, again)
     if strategy == "random":
-        assert not torch.equal(first, flat(build_mask(mcfg, params, scores, seed=8)))
+        assert not torch.equal(first, flat(build(mcfg, scores, seed=8).masks))
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +280,7 @@ def test_mask_overlap_compares_strategies_at_the_same_ratio_and_seed(tmp_path):
 def gradient_ratio_sweep(tmp_path_factory) -> tuple[Path, list[Path]]:
     """The sweep's working directory (relative artifact paths start there) and its run dirs in job order."""
     cwd = tmp_path_factory.mktemp("scores_sweep")
-    maskrun(["-m", "experiment=smoke", "mask.ratio=0.3,0.7", "mask.score=gradient", "pretrain.steps=10", "finetune.epochs=1"],
+    maskrun(["-m", "experiment=smoke", "mask.ratio=0.15,0.7", "mask.score=gradient", "pretrain.steps=10", "finetune.epochs=1"],
             cwd)
     return cwd, sorted(run_dirs(cwd / "outputs"), key=lambda d: int(d.name))
 
@@ -270,3 +301,19 @@ def test_a_ratio_sweep_scores_once_and_freezes_exactly(gradient_ratio_sweep):
         report = (run_dir / "report.md").read_text()
         assert "| embeddings |" in report and (run_dir / "plots" / "mask_frozen_share.png").stat().st_size > 0
     assert math.isclose(second["mask"]["ratio_actual"], 0.7, abs_tol=1 / second["mask"]["eligible"])
+
+
+def test_a_gradient_mask_draws_among_tied_embedding_rows_whatever_their_token_id(gradient_ratio_sweep):
+    cwd, dirs = gradient_ratio_sweep
+    (scores_file,) = (cwd / "outputs" / ".cache" / "scores").glob("*/scores.safetensors")
+    name = "bert.embeddings.word_embeddings.weight"
+    scores = load_file(scores_file)[name]
+    for run_dir in dirs:
+        tied_share = load_metrics(run_dir)["mask"]["tied_share"]
+        assert 0.0 <= tied_share <= 1.0
+        assert ("**Warning:**" in (run_dir / "report.md").read_text()) == (tied_share > 0.05)
+    frozen = load_file(dirs[0] / "mask.safetensors")[name]  # ratio 0.15: the cut falls among unused rows' zero scores
+    assert load_metrics(dirs[0])["mask"]["tied_share"] > 0.05 and not bool(frozen[scores > 0].any())
+    half = len(scores) // 2
+    lower, upper = (float(frozen[part][scores[part] == 0].float().mean()) for part in (slice(None, half), slice(half, None)))
+    assert 0 < min(lower, upper) and max(lower, upper) / min(lower, upper) < 1.25, (lower, upper)

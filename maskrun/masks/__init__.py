@@ -1,11 +1,18 @@
 """Mask generation: which pretrained entries stay frozen during fine-tuning.
 
-The `mask` stage is cached, keyed by the pretrained checkpoint, the scores it was built from and
-the mask settings. A strategy turns scores into a mask; a new strategy is one module here (with
-`build`, and the `NEEDS_SCORES`, `ALLOCATIONS`, `GRANULARITIES` it supports), one YAML in
-conf/mask/, and one line in STRATEGIES.
+The `mask` stage is cached (its key: maskrun.stages.mask); the entry holds the mask and, beside it,
+its tied share. A strategy turns
+scores into a `Selection` (the masks, and how many frozen entries were chosen among exactly tied
+scores); a new strategy is one module here (with `build`, and the `NEEDS_SCORES`,
+`ALLOCATIONS`, `GRANULARITIES` it supports), one YAML in conf/mask/, and one line in STRATEGIES.
+
+Strategies see every tensor neuron-major: a matrix's rows are its output neurons, whatever the
+layout its module stores (GPT-2's Conv1D keeps its weight as (in, out)); the masks they return
+are put back in each parameter's own layout.
 """
 
+import json
+import logging
 import re
 from pathlib import Path
 
@@ -13,8 +20,13 @@ import torch
 from safetensors.torch import save_file
 
 from maskrun.masks import importance, layers, none, random, similarity
+from maskrun.masks.select import Selection
 
 MASK_FILE = "mask.safetensors"
+MASK_INFO_FILE = "mask.json"  # beside the mask in its cache entry: what a cache hit reports of its build
+TIED_SHARE_WARNING = 0.05  # above this share of frozen entries chosen among ties, a run warns
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = {
     "none": none,
@@ -42,25 +54,71 @@ def selected(name: str, include, exclude) -> bool:
             and not (exclude and any(re.search(p, name) for p in exclude)))
 
 
-def build_mask(mcfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Tensor] | None,
-               seed: int) -> dict[str, torch.Tensor]:
-    """One bool tensor per eligible parameter; True = frozen at its pretrained value."""
-    return STRATEGIES[mcfg.strategy].build(mcfg, params, scores, seed)
+def neuron_axes(model: torch.nn.Module, names) -> dict[str, int]:
+    """The axis of each named parameter along which its output neurons lie, from the type of its module.
+
+    nn.Linear stores (out, in), nn.Embedding one row per token, convolutions (out, ...): axis 0.
+    GPT-2's Conv1D stores (in, out): axis 1. A vector's entries are its neurons (axis 0).
+    """
+    from transformers.pytorch_utils import Conv1D  # imported here: config checks import this package
+
+    axes = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(prefix=module_name, recurse=False):
+            if param_name in names:
+                axes[param_name] = 1 if isinstance(module, Conv1D) and param.dim() == 2 else 0
+    return axes
 
 
-def cached_mask(cache, inputs: dict, cfg, params: dict[str, torch.Tensor],
-                scores: dict[str, torch.Tensor] | None) -> tuple[Path, str]:
-    """The mask file of the cached `mask` stage, and "hit" or "miss"."""
-    entry, status = cache.fetch("mask", inputs,
-                                lambda out: save_mask(build_mask(cfg.mask, params, scores, cfg.seed), out / MASK_FILE))
-    return entry / MASK_FILE, status
+def build_mask(mcfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Tensor] | None, seed: int,
+               axes: dict[str, int]) -> Selection:
+    """One bool tensor per eligible parameter (True = frozen at its pretrained value), and its ties.
+
+    `axes` gives each parameter's output-neuron axis (`neuron_axes`).
+    """
+    def neuron_major(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: t.movedim(axes[name], 0) for name, t in tensors.items() if name in params}
+
+    selection = STRATEGIES[mcfg.strategy].build(mcfg, neuron_major(params), None if scores is None else neuron_major(scores),
+                                               seed)
+    masks = {name: m.movedim(0, axes[name]).contiguous() for name, m in selection.masks.items()}
+    return Selection(masks, selection.tied)
+
+
+def write_mask(selection: Selection, out_dir: Path) -> None:
+    """The `mask` stage's entry: the masks, and beside them what a cache hit must report of their build."""
+    save_mask(selection.masks, Path(out_dir) / MASK_FILE)
+    (Path(out_dir) / MASK_INFO_FILE).write_text(json.dumps({"tied_share": selection.tied_share}))
+
+
+def read_tied_share(entry: Path) -> float:
+    """The tied share of the mask in a `mask` entry, logged when high."""
+    tied_share = json.loads((Path(entry) / MASK_INFO_FILE).read_text())["tied_share"]
+    warn_if_tied(tied_share)
+    return tied_share
+
+
+def tied_share_warning(tied_share: float | None) -> str | None:
+    """What a run says when too much of its mask was chosen among exactly tied scores; None when it is fine."""
+    if tied_share is None or tied_share <= TIED_SHARE_WARNING:
+        return None
+    return (f"{tied_share:.1%} of the frozen entries were chosen at random among exactly tied scores "
+            f"(more than {TIED_SHARE_WARNING:.0%}), so the mask there reflects the seed, not importance; "
+            f"lower it with more calibration data (mask.calib_batches=null uses the whole training split) "
+            f"or another score (e.g. mask.score=magnitude)")
+
+
+def warn_if_tied(tied_share: float) -> None:
+    message = tied_share_warning(tied_share)
+    if message:
+        log.warning(message)
 
 
 def save_mask(masks: dict[str, torch.Tensor], path: Path) -> None:
     save_file({name: m.contiguous().cpu() for name, m in masks.items()}, path)
 
 
-def mask_summary(mcfg, masks: dict[str, torch.Tensor]) -> dict:
+def mask_summary(mcfg, masks: dict[str, torch.Tensor], tied_share: float) -> dict:
     eligible = sum(m.numel() for m in masks.values())
     frozen = sum(int(m.sum()) for m in masks.values())
     return {
@@ -73,4 +131,5 @@ def mask_summary(mcfg, masks: dict[str, torch.Tensor]) -> dict:
         "eligible": eligible,
         "frozen": frozen,
         "trainable": eligible - frozen,
+        "tied_share": tied_share,
     }

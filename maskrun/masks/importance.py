@@ -10,6 +10,7 @@ GRANULARITIES = select.GRANULARITIES
 FREEZE = ("least_important", "most_important")
 
 
-def build(mcfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+def build(mcfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], seed: int) -> select.Selection:
     sign = -1 if mcfg.freeze == "most_important" else 1
-    return select.freeze_lowest({name: sign * scores[name] for name in params}, mcfg.ratio, mcfg.allocation, mcfg.granularity)
+    return select.freeze_lowest({name: sign * scores[name] for name in params}, mcfg.ratio, mcfg.allocation,
+                                mcfg.granularity, seed)

@@ -2,19 +2,20 @@
 
 Only whole layers freeze, so the frozen share is the one closest to the ratio that whole layers
 allow; ratio_actual records it. Parameters outside the blocks (e.g. the pooler) count as the top.
+No scores, hence no ties.
 """
 
 import torch
 
-from maskrun.masks.select import closest_prefix, layer_of, layer_order
+from maskrun.masks.select import Selection, closest_prefix, layer_of, layer_order
 
 NEEDS_SCORES = False
 ALLOCATIONS = ("global",)
 GRANULARITIES = ("tensor",)
 
 
-def build(mcfg, params: dict[str, torch.Tensor], scores, seed: int) -> dict[str, torch.Tensor]:
+def build(mcfg, params: dict[str, torch.Tensor], scores, seed: int) -> Selection:
     bottom_up = sorted({layer_of(name) for name in params}, key=layer_order)
     sizes = [sum(p.numel() for name, p in params.items() if layer_of(name) == layer) for layer in bottom_up]
     frozen_layers = bottom_up[:closest_prefix(sizes, mcfg.ratio * sum(sizes))]
-    return {name: torch.full(p.shape, layer_of(name) in frozen_layers) for name, p in params.items()}
+    return Selection({name: torch.full(p.shape, layer_of(name) in frozen_layers) for name, p in params.items()})

@@ -9,5 +9,5 @@ ALLOCATIONS = select.ALLOCATIONS
 GRANULARITIES = select.GRANULARITIES
 
 
-def build(mcfg, params: dict[str, torch.Tensor], scores, seed: int) -> dict[str, torch.Tensor]:
-    return {name: torch.zeros(p.shape, dtype=torch.bool) for name, p in params.items()}
+def build(mcfg, params: dict[str, torch.Tensor], scores, seed: int) -> select.Selection:
+    return select.Selection({name: torch.zeros(p.shape, dtype=torch.bool) for name, p in params.items()})

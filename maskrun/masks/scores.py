@@ -7,9 +7,11 @@
                             batch (mask.fisher=batch, as in Child-Tuning_D)
 
 Gradients are taken on the fine-tuning task's training data: the first `calib_batches` batches
-of `calib_batch_size` examples in a seeded order, through the pretrained backbone under a seeded
-new task head, in eval mode (no dropout) so the scores are a function of the cache key alone.
-Scores cover every pretrained tensor, so changing mask.include/exclude reuses them.
+of `calib_batch_size` examples in a seeded order (`calib_batches: null`, the default, takes the
+whole training split, so that every token the task uses gets a non-zero gradient score), through
+the pretrained backbone under a seeded new task head, in eval mode (no dropout) so the scores are
+a function of the cache key alone. Scores cover every pretrained tensor, so changing
+mask.include/exclude reuses them.
 """
 
 from pathlib import Path
@@ -57,6 +59,8 @@ def model_scores(mcfg, model, names: set[str], task, tokenizer, max_length: int,
     model.eval()
     batches = calibration_batches(task.train, mcfg.calib_batches, mcfg.calib_batch_size, seed)
     if mcfg.score == "fisher" and mcfg.fisher == "per_example":
+        # One example per backward pass: on a CPU this beats batched per-example gradients (autograd's
+        # is_grads_batched), whose one backward pass costs as much as a full-batch backward per example.
         batches = [[example] for batch in batches for example in batch]
     mean = mean_gradients(model, params, batches, task.train, tokenizer, max_length, squared=mcfg.score == "fisher")
     model.zero_grad(set_to_none=True)
@@ -72,7 +76,7 @@ def model_scores(mcfg, model, names: set[str], task, tokenizer, max_length: int,
 
 def mean_gradients(model, params: dict[str, torch.Tensor], batches: list[list[int]], split, tokenizer, max_length: int,
                    squared: bool) -> dict[str, torch.Tensor]:
-    """Mean over the batches of each batch's loss gradient (or of its square)."""
+    """The gradient of the mean loss over every example of the batches; squared: the mean of each batch's squared gradient."""
     device = next(model.parameters()).device
     total = {name: torch.zeros_like(p) for name, p in params.items()}
     for rows in batches:
@@ -82,12 +86,13 @@ def mean_gradients(model, params: dict[str, torch.Tensor], batches: list[list[in
         model(**inputs, labels=torch.tensor([split.labels[i] for i in rows], device=device)).loss.backward()
         for name, p in params.items():
             if p.grad is not None:
-                total[name] += p.grad.square() if squared else p.grad
-    return {name: t / len(batches) for name, t in total.items()}
+                total[name] += p.grad.square() if squared else len(rows) * p.grad  # a short last batch weighs less
+    return {name: t / (len(batches) if squared else sum(map(len, batches))) for name, t in total.items()}
 
 
-def calibration_batches(train, n_batches: int, batch_size: int, seed: int) -> list[list[int]]:
-    """The first n_batches batches of a seeded shuffle of the training split (fewer if it is small)."""
+def calibration_batches(train, n_batches: int | None, batch_size: int, seed: int) -> list[list[int]]:
+    """The first n_batches batches of a seeded shuffle of the training split (fewer if it is small; None: all of it)."""
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-    order = order[:n_batches * batch_size]
+    if n_batches is not None:
+        order = order[:n_batches * batch_size]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from maskrun.masks import tied_share_warning
 from maskrun.masks.analytics import mask_report
 from maskrun.progress import console
 from maskrun.report.interference import plot_interference_per_layer
@@ -122,6 +123,9 @@ def write_run_report(run_dir: Path, metrics: dict) -> None:
     if mask:
         lines += ["", "## Mask", "", f"{mask['frozen']:,} of {mask['eligible']:,} eligible entries frozen "
                   f"(ratio {fmt(mask['ratio_actual'])}, requested {fmt(mask['ratio'], 2)}); {mask['trainable']:,} trainable."]
+        warning = tied_share_warning(mask.get("tied_share"))
+        if warning:
+            lines += ["", f"**Warning:** {warning}."]
         if (run_dir / "mask.safetensors").exists():
             lines += mask_report(run_dir)
     history_path = run_dir / "history.json"
