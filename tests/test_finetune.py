@@ -18,7 +18,8 @@ from maskrun.data.tasks import Split, TaskData
 from maskrun.cli import CONFIG_MODULE
 from maskrun.data.tokenizer import train_tokenizer
 from maskrun.errors import ConfigError
-from maskrun.finetune import Phase, collate, finetune, mask_inputs
+from maskrun.batching import collate
+from maskrun.finetune import Phase, finetune, mask_inputs
 from maskrun.masks.random import build as random_mask
 from maskrun.validate import check_config, compose_jobs
 
@@ -50,7 +51,7 @@ def tiny_model(tokenizer, **config_overrides) -> BertForSequenceClassification:
 
 def half_frozen(model) -> dict[str, torch.Tensor]:
     backbone = {n: p.detach() for n, p in model.named_parameters() if n.startswith("bert.") and "pooler" not in n}
-    return random_mask(SimpleNamespace(ratio=0.5, allocation="global", granularity="element"), backbone, None, seed=0)
+    return random_mask(SimpleNamespace(ratio=0.5, allocation="global", granularity="element"), backbone, None, seed=0).masks
 
 
 def training_configs(**overrides):
