@@ -10,6 +10,7 @@ Recipes from the masking literature, all off by default:
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from transformers import get_scheduler
@@ -85,8 +86,13 @@ class EarlyStopping:
             model.load_state_dict(self.best_state)
 
 
-def finetune(model, tokenizer, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: torch.device, seed: int) -> dict:
+def finetune(model, tokenizer, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: torch.device, seed: int,
+             extra_loss: Callable[[torch.nn.Module, int], torch.Tensor | None] | None = None) -> dict:
     """Train `model` on the task's training split; returns the loss and validation history.
+
+    The parameters that train are those with requires_grad, less the entries `frozen` holds;
+    `extra_loss(model, step)`, when given, is what a method adds to the task loss of every
+    micro-batch of step `step` (penalties, replay).
 
     `history["selected"]` is the validation result of the model left in `model` (the best one under
     early stopping, else the last); `optimizer_state_bytes` is the largest over the phases.
@@ -108,6 +114,7 @@ def finetune(model, tokenizer, task, frozen: dict[str, torch.Tensor], fcfg, ocfg
         for epoch in range(1, fcfg.epochs + 1):
             if epoch == masked_epochs + 1:
                 history["optimizer_state_bytes"] = phase.optimizer.state_bytes()
+                model.requires_grad_(True)
                 phase = Phase(model, {}, fcfg, ocfg, steps_per_epoch * (fcfg.epochs - masked_epochs))
             model.train()
             order = torch.randperm(len(train_ids), generator=order_generator).tolist()
@@ -117,19 +124,23 @@ def finetune(model, tokenizer, task, frozen: dict[str, torch.Tensor], fcfg, ocfg
                 # Each micro-batch's mean loss is weighted by its share of the group's examples, so that
                 # the step's gradient and loss are the means over the group (also a short last group).
                 group_size = sum(len(rows) for rows in group)
-                step_loss = 0.0
+                step_loss, step_extra = 0.0, 0.0
                 for rows in group:
                     loss = micro_batch_loss(model, tokenizer, [train_ids[i] for i in rows], labels[rows], fcfg,
                                             device, noise_generator)
-                    if not torch.isfinite(loss):
+                    extra = extra_loss(model, step + 1) if extra_loss else None
+                    total = loss if extra is None else loss + extra
+                    if not torch.isfinite(total):
                         raise FloatingPointError(
-                            f"fine-tuning loss became {loss.item()} at step {step + 1} (lower finetune.lr)")
+                            f"fine-tuning loss became {total.item()} at step {step + 1} (lower finetune.lr)")
                     weight = len(rows) / group_size  # exactly 1.0 for a group of one micro-batch
-                    scaler.scale(loss * weight).backward()
+                    scaler.scale(total * weight).backward()
                     step_loss += loss.item() * weight
+                    step_extra += 0.0 if extra is None else extra.item() * weight
                 grad_norm = phase.step(fcfg.max_grad_norm, scaler)
                 step += 1
-                history["train"].append({"step": step, "epoch": epoch, "loss": step_loss, "grad_norm": grad_norm})
+                history["train"].append({"step": step, "epoch": epoch, "loss": step_loss, "extra_loss": step_extra,
+                                         "grad_norm": grad_norm})
                 progress.advance(loss=step_loss)
             validation = {"step": step, "epoch": epoch,
                           **classify(model, tokenizer, task.validation, fcfg.max_length, device)}

@@ -55,8 +55,8 @@ class MaskedOptimizer:
             mask = frozen.get(name)
             if mask is not None and bool(mask.all()):
                 param.requires_grad_(False)  # no gradient is even computed for it
+            if not param.requires_grad:  # frozen whole, or left out by the method (e.g. lora's base weights)
                 continue
-            param.requires_grad_(True)
             if mask is not None and bool(mask.any()):
                 part = PartiallyFrozen(param, mask.to(param.device))
                 self.partial.append(part)

@@ -1,4 +1,4 @@
-"""One run: pretrain → mask generation → masked fine-tune → evaluate, each stage through the cache."""
+"""One run: pretrain → mask generation → fine-tune by the chosen method → evaluate, each stage through the cache."""
 
 import json
 import shutil
@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -21,6 +22,8 @@ from maskrun.finetune import finetune
 from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, needs_scores, neuron_axes,
                            read_tied_share, write_mask)
 from maskrun.masks.scores import compute_scores, read_scores, write_scores
+from maskrun.methods import build_method, dial
+from maskrun.methods.base import Context, trainable_entries
 from maskrun.models import head_summary, load_task_model, pretrained_names, pretrained_source
 from maskrun.pretrain import pretrain, pretraining_objective
 from maskrun.sequential import fine_tune_next
@@ -47,13 +50,14 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
             lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed))
         metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": MASK_FILE, "finetuned": None}
 
+    def fetch_scores(score: str) -> tuple[Path, str]:
+        """The cached scores entry of kind `score`, computed with the mask group's calibration settings."""
+        mcfg = OmegaConf.merge(cfg.mask, {"score": score})
+        return cache.fetch("scores", stages.scores(cfg, mcfg, pretrained_dir), lambda out: write_scores(
+            compute_scores(mcfg, pretrained_dir, task, tokenizer, cfg.finetune.max_length, device, cfg.seed), out))
+
     with stage_timer(timing, "scores"):
-        scores_dir, hits["scores"] = None, "skipped"
-        if needs_scores(cfg.mask):
-            scores_dir, hits["scores"] = cache.fetch(
-                "scores", stages.scores(cfg, pretrained_dir),
-                lambda out: write_scores(compute_scores(cfg.mask, pretrained_dir, task, tokenizer,
-                                                        cfg.finetune.max_length, device, cfg.seed), out))
+        scores_dir, hits["scores"] = fetch_scores(cfg.mask.score) if needs_scores(cfg.mask) else (None, "skipped")
 
     with stage_timer(timing, "mask"):
         torch.manual_seed(cfg.seed)  # the new head's initialisation must not depend on which stages were cache hits
@@ -68,7 +72,13 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
         metrics["mask"] = mask_summary(cfg.mask, frozen, tied_share) | head_summary(model, pretrained_names(pretrained_dir))
 
     with stage_timer(timing, "finetune"):
-        history = finetune(model, tokenizer, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed)
+        method = build_method(cfg, Context(cfg, pretrained_dir, run_dir, tokenizer, corpus, device, fetch_scores))
+        model = method.prepare(model)
+        metrics["method"] = {"name": cfg.method.name, **method.record(), "dial": dial(cfg),
+                             "trainable": trainable_entries(model, frozen)}
+        history = finetune(model, tokenizer, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed,
+                           method.extra_loss)
+        model = method.finish(model)
         metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}
         (run_dir / "history.json").write_text(json.dumps(history))
 

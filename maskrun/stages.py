@@ -59,9 +59,9 @@ def pretrain(cfg, tokenizer_dir: Path) -> dict:
                         pretrain=plain(cfg.pretrain), corpus=corpus_spec(cfg.dataset), seed=cfg.seed)
 
 
-def scores(cfg, pretrained_dir: Path) -> dict:
-    """Not the ratio, strategy or allocation: a sweep over those scores once. Magnitude needs no data."""
-    mcfg = cfg.mask
+def scores(cfg, mcfg, pretrained_dir: Path) -> dict:
+    """Scores of kind `mcfg.score` (the mask's, or a method's such as ewc's fisher), by the calibration settings
+    of `mcfg`; not the ratio, strategy or allocation: a sweep over those scores once. Magnitude needs no data."""
     declared = {"pretrained": Path(pretrained_dir).name, "score": mcfg.score}
     if mcfg.score != "magnitude":
         declared |= {"task": plain(cfg.dataset), "max_length": cfg.finetune.max_length,

@@ -28,13 +28,14 @@ from maskrun.data.packaged import packaged_file
 from maskrun.data.tasks import check_task, load_task
 from maskrun.errors import ConfigError
 from maskrun.masks import STRATEGIES
+from maskrun.methods import METHODS
 from maskrun.masks.importance import FREEZE
 from maskrun.masks.scores import FISHER, SCORES
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 PRECISIONS = ("fp32", "bf16", "fp16")
-SECTIONS = ("model", "dataset", "mask", "optimizer", "pretrain", "finetune", "eval")
+SECTIONS = ("model", "dataset", "mask", "method", "optimizer", "pretrain", "finetune", "eval")
 ABSENT = object()
 WORD = re.compile(r"\w+|[^\w\s]")  # what the tokenizer's BERT pre-tokenizer splits text into
 OBJECTIVES = ("mlm", "causal_lm")
@@ -136,6 +137,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
     try:
         check_top_level(cfg)
         check_mask(cfg.mask)
+        check_method(cfg)
         check_model(cfg.model)
         if cfg.mask.include or cfg.mask.exclude:
             check_mask_selects(OmegaConf.to_yaml(cfg.model), tuple(cfg.mask.include or ()), tuple(cfg.mask.exclude or ()))
@@ -359,6 +361,18 @@ def check_mask(mask: DictConfig) -> None:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"mask.{key} pattern {pattern!r} is not a valid regex: {err}", "fix the pattern") from None
+
+
+def check_method(cfg: DictConfig) -> None:
+    one_of(cfg.method.name, sorted(METHODS), "method.name")
+    method = METHODS[cfg.method.name]
+    if not method.USES_MASK and cfg.mask.strategy != "none":
+        raise ConfigError(f"method={cfg.method.name} trains without a mask, but mask={cfg.mask.strategy} would freeze entries",
+                          f"drop the mask override (method={cfg.method.name} sets mask=none), or use method=mask")
+    if cfg.sequential.dataset and cfg.method.name != "mask":
+        raise ConfigError(f"experiment=sequential runs with method=mask only, not method={cfg.method.name}",
+                          "drop the method override for a sequential run")
+    method.check(cfg)
 
 
 def check_finetune_recipe(fcfg: DictConfig, ocfg: DictConfig) -> None:
