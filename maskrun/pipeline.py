@@ -72,7 +72,11 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
         metrics["mask"] = mask_summary(cfg.mask, frozen, tied_share) | head_summary(model, pretrained_names(pretrained_dir))
 
     with stage_timer(timing, "finetune"):
-        method = build_method(cfg, Context(cfg, pretrained_dir, run_dir, tokenizer, corpus, device, fetch_scores))
+        def method_scores(score: str) -> dict[str, torch.Tensor]:
+            entry, hits["method_scores"] = fetch_scores(score)
+            return read_scores(entry)
+
+        method = build_method(cfg, Context(cfg, pretrained_dir, run_dir, tokenizer, corpus, device, method_scores))
         model = method.prepare(model)
         metrics["method"] = {"name": cfg.method.name, **method.record(), "dial": dial(cfg),
                              "trainable": trainable_entries(model, frozen)}

@@ -18,7 +18,7 @@ class Context:
     tokenizer: object
     corpus: object  # maskrun.data.corpus.Corpus: its training texts only (replay)
     device: torch.device
-    scores: Callable[[str], dict[str, torch.Tensor]]  # the cached scores of a kind, e.g. "fisher" (ewc)
+    scores: Callable[[str], dict[str, torch.Tensor]]  # the scores stage's scores of a kind, e.g. "fisher" (ewc)
 
 
 class Method:
