@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -21,8 +22,8 @@ from maskrun.finetune import finetune
 from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, needs_scores, neuron_axes,
                            read_tied_share, write_mask)
 from maskrun.masks.scores import compute_scores, read_scores, write_scores
-from maskrun.models import head_summary, load_task_model, pretrained_names, pretrained_source
-from maskrun.pretrain import pretrain, pretraining_objective
+from maskrun.models import head_summary, load_task_model, pretrained_names, pretrained_source, pretraining_objective
+from maskrun.pretrain import pretrain
 from maskrun.sequential import fine_tune_next
 
 
@@ -47,13 +48,14 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
             lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed))
         metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": MASK_FILE, "finetuned": None}
 
+    def fetch_scores(score: str) -> tuple[Path, str]:
+        """The cached scores entry of kind `score`, computed with the mask group's calibration settings."""
+        mcfg = OmegaConf.merge(cfg.mask, {"score": score})
+        return cache.fetch("scores", stages.scores(cfg, mcfg, pretrained_dir), lambda out: write_scores(
+            compute_scores(mcfg, pretrained_dir, task, tokenizer, cfg.finetune.max_length, device, cfg.seed), out))
+
     with stage_timer(timing, "scores"):
-        scores_dir, hits["scores"] = None, "skipped"
-        if needs_scores(cfg.mask):
-            scores_dir, hits["scores"] = cache.fetch(
-                "scores", stages.scores(cfg, pretrained_dir),
-                lambda out: write_scores(compute_scores(cfg.mask, pretrained_dir, task, tokenizer,
-                                                        cfg.finetune.max_length, device, cfg.seed), out))
+        scores_dir, hits["scores"] = fetch_scores(cfg.mask.score) if needs_scores(cfg.mask) else (None, "skipped")
 
     with stage_timer(timing, "mask"):
         torch.manual_seed(cfg.seed)  # the new head's initialisation must not depend on which stages were cache hits
