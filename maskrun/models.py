@@ -40,6 +40,13 @@ def pretrained_source(mcfg) -> str | None:
     return mcfg.get("name_or_path")
 
 
+def pretraining_objective(mcfg, pcfg) -> str | None:
+    """The objective the checkpoint's head was trained for; None when a pretrained model is used as is."""
+    if pretrained_source(mcfg) and pcfg.steps == 0:
+        return None
+    return mcfg.objective
+
+
 def scratch_config(mcfg, vocab_size: int, pad_id: int, cls_id: int, sep_id: int) -> PretrainedConfig:
     if mcfg.family == "gpt2":
         return GPT2Config(
@@ -79,23 +86,19 @@ def build_pretraining_model(mcfg, tokenizer: PreTrainedTokenizerBase) -> torch.n
     return model
 
 
-def backbone_shapes(mcfg) -> dict[str, torch.Size]:
+def backbone_shapes(mcfg, pcfg) -> dict[str, torch.Size]:
     """The task model's backbone parameters (what a mask can select) and their shapes, from the model config alone."""
     source = pretrained_source(mcfg)
     # Built from scratch, the model gets the tokenizer trained to model.vocab_size; the special ids change no shape.
     config = AutoConfig.from_pretrained(source) if source else scratch_config(mcfg, mcfg.vocab_size, 0, 1, 2)
+    objective = pretraining_objective(mcfg, pcfg)
     with torch.device("meta"):  # no weights are allocated
         task_model = AutoModelForSequenceClassification.from_config(config)
-        # Built from scratch, the checkpoint holds what the pretraining model has (a BERT has no pooler there).
-        pretraining = None if source else dict(OBJECTIVES[mcfg.objective].from_config(config).named_parameters())
+        # A checkpoint written by pretraining holds what its pretraining model has (a BERT has no pooler there).
+        pretraining = objective and dict(OBJECTIVES[objective].from_config(config).named_parameters())
     prefix = task_model.base_model_prefix + "."
     return {name: param.shape for name, param in task_model.named_parameters()
             if name.startswith(prefix) and (pretraining is None or name in pretraining)}
-
-
-def backbone_names(mcfg) -> list[str]:
-    """The task model's backbone parameter names (what a mask can select), from the model config alone."""
-    return list(backbone_shapes(mcfg))
 
 
 def save_backbone(source: str, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:

@@ -24,8 +24,8 @@ from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summ
 from maskrun.masks.scores import compute_scores, read_scores, write_scores
 from maskrun.methods import build_method, dial
 from maskrun.methods.base import Context, trainable_entries
-from maskrun.models import head_summary, load_task_model, pretrained_names, pretrained_source
-from maskrun.pretrain import pretrain, pretraining_objective
+from maskrun.models import head_summary, load_task_model, pretrained_names, pretrained_source, pretraining_objective
+from maskrun.pretrain import pretrain
 from maskrun.sequential import fine_tune_next
 
 

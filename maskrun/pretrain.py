@@ -10,19 +10,12 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from maskrun.models import build_pretraining_model, pretrained_source, save_backbone
+from maskrun.models import build_pretraining_model, pretrained_source, pretraining_objective, save_backbone
 from maskrun.progress import StageProgress
 
 # BERT's treatment of a position chosen for masked LM: [MASK] 80% of the time, a random token 10%, unchanged the rest.
 MASK_TOKEN_SHARE = 0.8
 RANDOM_TOKEN_SHARE = 0.1
-
-
-def pretraining_objective(mcfg, pcfg) -> str | None:
-    """The objective the checkpoint's head was trained for; None when a pretrained model is used as is."""
-    if pretrained_source(mcfg) and pcfg.steps == 0:
-        return None
-    return mcfg.objective
 
 
 def pack_texts(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:

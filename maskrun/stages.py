@@ -9,22 +9,23 @@ entries, every stage's inputs hold
 - `libraries`: the versions of the libraries whose numerics the artifacts depend on.
 
 Upstream entries are named by their directory (their own key), so a key never repeats the inputs
-of the stages it builds on.
+of the stages it builds on. Files the settings name by path (a user's corpus or task file, a local
+model folder) count by their content, not their name.
 """
 
 import ast
 import functools
 import hashlib
+import json
 from importlib.metadata import version
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 import maskrun
-from maskrun.data.corpus import corpus_spec
 
 PACKAGE_ROOT = Path(maskrun.__file__).resolve().parent
-LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors")
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scikit-learn", "pandas")
 
 # The modules each stage runs (the pipeline passes them the corpus and the task, so the data
 # modules that load those count too); their maskrun imports are followed.
@@ -46,17 +47,35 @@ def stage_inputs(stage: str, **declared) -> dict:
     return {"code": code_fingerprint(STAGE_CODE[stage]), "libraries": library_versions(), **declared}
 
 
+def corpus(dcfg) -> dict:
+    """The pretraining corpus: packaged by name, a user's file by its content and encoding."""
+    spec = {"corpus": dcfg.corpus, "max_texts": dcfg.corpus_max_texts, "split_seed": dcfg.split_seed}
+    if dcfg.get("corpus_path"):
+        spec |= {"corpus_file": file_digest(Path(dcfg.corpus_path)), "encoding": dcfg.get("encoding")}
+    return spec
+
+
+def task(dcfg) -> dict:
+    """The task's settings, and a user's task file by its content."""
+    return {**plain(dcfg), "path": file_digest(Path(dcfg.path)) if dcfg.get("path") else None}
+
+
+def model(mcfg) -> dict:
+    """The model's settings, and a local model folder by its files."""
+    source = mcfg.get("name_or_path")
+    return {**plain(mcfg), "name_or_path": folder_digest(Path(source)) if source and Path(source).is_dir() else source}
+
+
 def tokenizer(cfg) -> dict:
     """A pretrained model's own tokenizer is keyed by the model; a trained one by its corpus and size."""
-    source = cfg.model.get("packaged") or cfg.model.get("name_or_path")
-    if source:
-        return stage_inputs("tokenizer", pretrained=source)
-    return stage_inputs("tokenizer", corpus=corpus_spec(cfg.dataset), vocab_size=cfg.model.vocab_size)
+    if cfg.model.get("packaged") or cfg.model.get("name_or_path"):
+        return stage_inputs("tokenizer", model=model(cfg.model))
+    return stage_inputs("tokenizer", corpus=corpus(cfg.dataset), vocab_size=cfg.model.vocab_size)
 
 
 def pretrain(cfg, tokenizer_dir: Path) -> dict:
-    return stage_inputs("pretrain", tokenizer=Path(tokenizer_dir).name, model=plain(cfg.model),
-                        pretrain=plain(cfg.pretrain), corpus=corpus_spec(cfg.dataset), seed=cfg.seed)
+    return stage_inputs("pretrain", tokenizer=Path(tokenizer_dir).name, model=model(cfg.model),
+                        pretrain=plain(cfg.pretrain), corpus=corpus(cfg.dataset), seed=cfg.seed)
 
 
 def scores(cfg, mcfg, pretrained_dir: Path) -> dict:
@@ -64,7 +83,7 @@ def scores(cfg, mcfg, pretrained_dir: Path) -> dict:
     of `mcfg`; not the ratio, strategy or allocation: a sweep over those scores once. Magnitude needs no data."""
     declared = {"pretrained": Path(pretrained_dir).name, "score": mcfg.score}
     if mcfg.score != "magnitude":
-        declared |= {"task": plain(cfg.dataset), "max_length": cfg.finetune.max_length,
+        declared |= {"task": task(cfg.dataset), "max_length": cfg.finetune.max_length,
                      "calib_batches": mcfg.calib_batches, "calib_batch_size": mcfg.calib_batch_size, "seed": cfg.seed}
     if mcfg.score == "fisher":
         declared["fisher"] = mcfg.fisher
@@ -78,13 +97,28 @@ def mask(cfg, pretrained_dir: Path, scores_dir: Path | None) -> dict:
 
 def scratch(cfg, tokenizer_dir: Path) -> dict:
     """The control depends on everything that shapes the task model's training, but not on the mask."""
-    return stage_inputs("scratch", tokenizer=Path(tokenizer_dir).name, seed=cfg.seed,
-                        **{section: plain(cfg[section]) for section in ("model", "dataset", "finetune", "optimizer")})
+    return stage_inputs("scratch", tokenizer=Path(tokenizer_dir).name, seed=cfg.seed, model=model(cfg.model),
+                        dataset=task(cfg.dataset), finetune=plain(cfg.finetune), optimizer=plain(cfg.optimizer))
 
 
 def result(cfg) -> dict:
-    """Everything that decides a job's results (where the cache lives does not)."""
-    return stage_inputs("result", settings=plain(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "cache_dir")])))
+    """Everything that decides a job's results (where the cache lives does not), files named by path included."""
+    settings = plain(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "cache_dir")]))
+    datasets = [cfg.dataset] + ([cfg.sequential.dataset] if cfg.sequential.dataset else [])
+    files = {"model": model(cfg.model), "tasks": [task(d) for d in datasets], "corpora": [corpus(d) for d in datasets]}
+    return stage_inputs("result", settings=settings, files=files)
+
+
+def file_digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """A model folder by the names, sizes and modification times of its files (weights can be many GB)."""
+    listing = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in folder.rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 @functools.cache

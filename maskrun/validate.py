@@ -140,7 +140,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
         check_method(cfg)
         check_model(cfg.model)
         if cfg.mask.include or cfg.mask.exclude:
-            check_mask_selects(OmegaConf.to_yaml(cfg.model), tuple(cfg.mask.include or ()), tuple(cfg.mask.exclude or ()))
+            check_mask_selects(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain), tuple(cfg.mask.include or ()), tuple(cfg.mask.exclude or ()))
         check_training(cfg)
         check_dataset(cfg.dataset)
         check_task_splits(OmegaConf.to_yaml(cfg.dataset))
@@ -189,7 +189,7 @@ def realized_share_warnings(configs: list[DictConfig]) -> list[str]:
     for jobs in groups.values():
         ratios_by_share: dict[float, set[float]] = {}
         for cfg in jobs:
-            share = realized_share(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.mask))
+            share = realized_share(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain), OmegaConf.to_yaml(cfg.mask))
             ratios_by_share.setdefault(share, set()).add(cfg.mask.ratio)
         repeated = [f"mask.ratio={','.join(f'{r:g}' for r in sorted(ratios))} all realize a frozen share of {share:.3f}"
                     for share, ratios in sorted(ratios_by_share.items()) if len(ratios) > 1]
@@ -229,24 +229,24 @@ def group_label(cfg: DictConfig, common_overrides: set[str]) -> str:
 
 
 @functools.lru_cache(maxsize=None)  # per model and mask setting: the seeds of a sweep share them
-def realized_share(model_yaml: str, mask_yaml: str) -> float:
+def realized_share(model_yaml: str, pretrain_yaml: str, mask_yaml: str) -> float:
     """The frozen share the mask code realizes on this model, built on stand-ins of the parameters' shapes."""
     from maskrun.masks import build_mask, mask_summary, selected
 
     mask = OmegaConf.create(mask_yaml)
     # A zero broadcast to a shape holds no memory. Where the shapes decide the share, the values of weights and
     # scores, and the seed, change nothing: the stand-ins serve as both, and seed 0 as any seed.
-    stand_ins = {name: torch.zeros(()).expand(shape) for name, shape in backbone_shapes(model_yaml).items()
+    stand_ins = {name: torch.zeros(()).expand(shape) for name, shape in backbone_shapes(model_yaml, pretrain_yaml).items()
                  if selected(name, mask.include, mask.exclude)}
     selection = build_mask(mask, stand_ins, stand_ins, 0, axes={name: 0 for name in stand_ins})  # whole tensors: any axis
     return mask_summary(mask, selection.masks, selection.tied_share)["ratio_actual"]
 
 
 @functools.lru_cache(maxsize=None)  # the jobs of a sweep share their model
-def backbone_shapes(model_yaml: str) -> dict[str, torch.Size]:
+def backbone_shapes(model_yaml: str, pretrain_yaml: str) -> dict[str, torch.Size]:
     from maskrun import models
 
-    return models.backbone_shapes(OmegaConf.create(model_yaml))
+    return models.backbone_shapes(OmegaConf.create(model_yaml), OmegaConf.create(pretrain_yaml))
 
 
 def check_top_level(cfg: DictConfig) -> None:
@@ -296,11 +296,10 @@ def check_model_source(name_or_path: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)  # the jobs of a sweep share their model
-def check_mask_selects(model_yaml: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
+def check_mask_selects(model_yaml: str, pretrain_yaml: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
     from maskrun.masks import selected
-    from maskrun.models import backbone_names
 
-    names = backbone_names(OmegaConf.create(model_yaml))
+    names = list(backbone_shapes(model_yaml, pretrain_yaml))
     if not any(selected(name, include, exclude) for name in names):
         raise ConfigError(f"mask.include={list(include) or None} and mask.exclude={list(exclude) or None} "
                           f"leave no backbone parameter to mask",

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from maskrun.data.corpus import check_corpus, corpus_spec, load_corpus
+from maskrun import stages
+from maskrun.data.corpus import check_corpus, load_corpus
 from maskrun.data.dedup import text_key
 from maskrun.data.tasks import check_task, deduplicate, label_ids, load_task
 from maskrun.errors import ConfigError
@@ -113,9 +114,9 @@ def test_a_users_corpus_is_read_by_line_deduplicated_and_keyed_by_its_content(tm
     corpus = load_corpus(dcfg)
     assert sorted(corpus.train + corpus.validation + corpus.test) == sorted(f"line {i}" for i in range(40))
     assert len(corpus.validation) == len(corpus.test) == 1
-    key = corpus_spec(dcfg)
+    key = stages.corpus(dcfg)
     path.write_text("something else\nentirely\nand more\n")
-    assert corpus_spec(dcfg) != key
+    assert stages.corpus(dcfg) != key
     with pytest.raises(ConfigError, match="corpus_path"):
         check_corpus(dataset(corpus_path=str(tmp_path / "missing.txt")))
     path.write_text("the same line\nThe same line.\nanother line\n")

@@ -99,6 +99,28 @@ def test_similarity_ranks_rows_of_equal_importance_in_a_random_order():
     assert distinct.tied_share == 0.0
 
 
+def test_similarity_draws_its_ranking_and_its_cut_from_independent_streams(monkeypatch):
+    """Twelve equally important rows in two fixed clusters of six, five frozen: the fifth is the first of one cluster
+    or the other with even odds (both draws once came from one seed's stream, which favoured the first: 0.56)."""
+    monkeypatch.setattr(similarity, "cluster_rows", lambda rows, clusters, seed: torch.tensor([0] * 6 + [1] * 6))
+    mcfg = mask_cfg("similarity", ratio=5 / 12, clusters=2)
+    rows, importance = torch.randn(12, 3, generator=torch.Generator().manual_seed(0)), torch.zeros(12, 3)
+    firsts = [int(similarity.build(mcfg, {"w": rows}, {"w": importance}, seed).masks["w"][:6].all(1).sum())
+              for seed in range(4000)]
+    share = sum(n == 3 for n in firsts) / len(firsts)  # the first cluster took three of the five
+    assert abs(share - 0.5) < 4 * (0.25 / len(firsts)) ** 0.5, share
+
+
+def test_units_of_equal_score_tie_whatever_their_width():
+    """A matrix row and a vector entry of the same score are tied (a float32 mean of a wide row is not that score)."""
+    scores = {"m": torch.full((6, 32), 1 / 6), "v": torch.full((6,), 1 / 6)}
+    runs = [select.freeze_lowest(scores, 0.5, "global", "row", seed) for seed in range(200)]
+    vector_rate = sum(float(r.masks["v"].float().mean()) for r in runs) / len(runs)
+    row_rate = sum(float(r.masks["m"].all(1).float().mean()) for r in runs) / len(runs)
+    assert 0.2 < vector_rate and 0.2 < row_rate, (vector_rate, row_rate)
+    assert all(r.tied > 0 for r in runs)
+
+
 @pytest.mark.parametrize("values, ratio, allocation, granularity, tied", [
     ({"w": [0, 0, 0, 0, 1, 2, 3, 4]}, 0.25, "global", "element", 2),  # half of the zeros: both chosen among four
     ({"w": [0, 0, 0, 0, 1, 2, 3, 4]}, 0.5, "global", "element", 0),  # every zero: no choice made
@@ -180,3 +202,9 @@ def test_every_token_of_the_training_split_gets_a_gradient_score_by_default(tmp_
     rows = gradient["bert.embeddings.word_embeddings.weight"][present]
     unscored = [tokenizer.convert_ids_to_tokens(i) for i, row in zip(present, rows) if not bool((row > 0).any())]
     assert not unscored, f"{len(unscored)} tokens of the training split have a zero gradient score: {unscored[:5]}"
+
+
+def test_a_tie_too_large_to_draw_from_fails_with_a_way_out(monkeypatch):
+    monkeypatch.setattr(select, "MAX_TIED", 100)
+    with pytest.raises(ValueError, match="tie exactly at the cut.*mask.exclude"):
+        select.freeze_lowest({"w": torch.zeros(200)}, 0.5, "global", "element", seed=0)

@@ -13,7 +13,8 @@ def sweep(*overrides: str):
 
 
 def shares(configs) -> list[float]:
-    return [realized_share(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.mask)) for cfg in configs]
+    return [realized_share(*(OmegaConf.to_yaml(cfg[section]) for section in ("model", "pretrain", "mask")))
+            for cfg in configs]
 
 
 def test_layers_sweep_warns_once_for_the_ratios_that_freeze_the_same_layers():
@@ -54,3 +55,15 @@ def test_each_group_of_jobs_that_differ_only_in_ratio_and_seed_gets_its_own_line
     assert realized_share_warnings(configs) == [
         f"mask=layers finetune.lr={lr}: mask.ratio=0.1,0.3 all realize a frozen share of 0.000 (whole layers only)"
         for lr in ("0.001", "0.0001")]
+
+
+@pytest.mark.parametrize("steps, has_pooler", [(0, True), (5, False)])
+def test_a_pretrained_model_is_masked_on_what_its_checkpoint_holds(steps, has_pooler):
+    """Used as is, MiniLM's checkpoint is its task model's backbone (with a pooler); pretrained on, it is the
+    masked LM's (without one)."""
+    from maskrun.models import backbone_shapes
+
+    (cfg,) = sweep("model=minilm", f"pretrain.steps={steps}")
+    names = backbone_shapes(cfg.model, cfg.pretrain)
+    assert any("pooler" in name for name in names) == has_pooler
+    assert "bert.embeddings.word_embeddings.weight" in names

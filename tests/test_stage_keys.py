@@ -105,3 +105,24 @@ def test_resume_in_the_same_run_dir_reruns_a_job_that_other_code_finished(tmp_pa
     assert "reused finished run" not in rerun.stdout + rerun.stderr
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["interference"]["forgetting"] == 12345.0
     assert run_dirs(tmp_path / "run") == [tmp_path / "run"]
+
+
+def test_files_named_by_path_count_by_their_content(tmp_path):
+    """A user's task file edited in place, or a corpus read in another encoding, is another input."""
+    from hydra import compose, initialize_config_module
+
+    task_file, corpus_file = tmp_path / "task.csv", tmp_path / "corpus.txt"
+    task_file.write_text("text,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(40)))
+    corpus_file.write_bytes("café naïve\n".encode("utf-8") * 3)
+    with initialize_config_module("maskrun.conf", version_base="1.3"):
+        cfg = compose("config", ["dataset=csv", f"dataset.path={task_file}", f"dataset.corpus_path={corpus_file}",
+                                 "mask.score=gradient"])
+        latin = compose("config", ["dataset=csv", f"dataset.path={task_file}", f"dataset.corpus_path={corpus_file}",
+                                   "dataset.encoding=latin-1"])
+    keys = lambda: (stages.scores(cfg, cfg.mask, tmp_path), stages.result(cfg), stages.tokenizer(cfg))
+    before = keys()
+    task_file.write_text("text,label\n" + "".join(f"text {i},{i % 3 == 0}\n" for i in range(40)))
+    after = keys()
+    assert before[0] != after[0] and before[1] != after[1]
+    assert before[2] == after[2]  # the tokenizer reads the corpus, not the task
+    assert stages.tokenizer(cfg) != stages.tokenizer(latin)

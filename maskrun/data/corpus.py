@@ -4,7 +4,6 @@ The held-out part is split again into a validation slice (what settings are chos
 slice (what is reported), so forgetting is never both chosen on and reported on the same text.
 """
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -60,14 +59,6 @@ def text_file_lines(path: Path, encoding: str) -> list[str]:
 def too_few_texts(name: str, count: int) -> ConfigError:
     return ConfigError(f"corpus {name} holds {count} distinct text(s)",
                        f"pretraining needs at least {MIN_TEXTS}: one to train on, one each to validate and test forgetting on")
-
-
-def corpus_spec(dcfg) -> dict:
-    """What the corpus depends on, for cache keys; a user's file counts by its content."""
-    spec = {"corpus": dcfg.corpus, "max_texts": dcfg.corpus_max_texts, "split_seed": dcfg.split_seed}
-    if dcfg.get("corpus_path"):
-        spec["corpus_sha256"] = hashlib.sha256(Path(dcfg.corpus_path).read_bytes()).hexdigest()
-    return spec
 
 
 def check_corpus(dcfg) -> None:

@@ -103,9 +103,10 @@ def tied_share_warning(tied_share: float | None) -> str | None:
     if tied_share is None or tied_share <= TIED_SHARE_WARNING:
         return None
     return (f"{tied_share:.1%} of the frozen entries were chosen at random among exactly tied scores "
-            f"(more than {TIED_SHARE_WARNING:.0%}), so the mask there reflects the seed, not importance; "
-            f"lower it with more calibration data (mask.calib_batches=null uses the whole training split) "
-            f"or another score (e.g. mask.score=magnitude)")
+            f"(more than {TIED_SHARE_WARNING:.0%}), so the mask there reflects the seed, not importance. Such ties are "
+            f"mostly entries the calibration data never reach (unused tokens and positions have a zero gradient); "
+            f"raise mask.ratio past them, leave them out with mask.exclude, calibrate on more data "
+            f"(mask.calib_batches=null: the whole training split), or use mask.score=magnitude")
 
 
 def warn_if_tied(tied_share: float) -> None:

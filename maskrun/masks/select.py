@@ -34,6 +34,7 @@ GRANULARITIES = ("element", "row", "tensor")
 CHUNK = 1 << 22  # entries per step of a pass: bounds its temporaries to a few MB at any model size
 SAMPLE_STRIDE = 61  # a prime, so that the sample does not lock onto row or head boundaries
 MIN_SAMPLE = 4096  # below this many sampled entries the bracket is simply everything
+MAX_TIED = 10**9  # NumPy's multivariate hypergeometric draw ("marginals") takes fewer items than this
 
 
 @dataclass
@@ -51,8 +52,11 @@ class Selection:
 
 
 def freeze_lowest(scores: dict[str, torch.Tensor], ratio: float, allocation: str, granularity: str,
-                  seed: int) -> Selection:
-    """One bool mask per tensor of `scores`, True where frozen: the lowest-scoring share `ratio`."""
+                  seed: int | np.random.Generator) -> Selection:
+    """One bool mask per tensor of `scores`, True where frozen: the lowest-scoring share `ratio`.
+
+    Ties are drawn from `seed`: a seed, or a generator of a stream the caller has split off its own.
+    """
     rng = np.random.default_rng(seed)
     masks, tied = {}, 0
     groups = allocation_groups(list(scores), allocation)
@@ -131,7 +135,8 @@ def lowest_units(scores: dict[str, torch.Tensor], target: float, granularity: st
     units whose mean equals the last frozen unit's when a unit of that mean stays trainable.
     """
     units = {name: as_units(s, granularity) for name, s in scores.items()}
-    unit_scores = torch.cat([u.float().mean(1) for u in units.values()])
+    # float64: the mean of a unit whose entries are equal is that value exactly, whatever the unit's width.
+    unit_scores = torch.cat([u.double().mean(1) for u in units.values()])
     unit_sizes = np.concatenate([np.full(len(u), u.shape[1]) for u in units.values()])
     shuffled = torch.from_numpy(rng.permutation(len(unit_scores)))
     order = shuffled[torch.sort(unit_scores[shuffled], stable=True).indices]
@@ -230,6 +235,10 @@ def freeze_among_ties(counts: list[int], tied_positions: Callable[[int], np.ndar
     counts[i] tied entries sit in piece i at tied_positions(i). How many of the n fall in each piece
     is a multivariate hypergeometric draw; within a piece they are drawn uniformly without replacement.
     """
+    if sum(counts) >= MAX_TIED:
+        raise ValueError(f"{sum(counts):,} entries tie exactly at the cut, more than the {MAX_TIED:,} a uniform draw "
+                         f"among them supports (leave the tensors that hold them, e.g. unused embeddings, out with "
+                         f"mask.exclude, or use mask.score=magnitude)")
     for i, take in enumerate(rng.multivariate_hypergeometric(counts, n)):
         if take:
             masks[i][rng.choice(tied_positions(i), size=take, replace=False)] = True

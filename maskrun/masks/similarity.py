@@ -27,16 +27,17 @@ GRANULARITIES = ("row",)
 
 
 def build(mcfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], seed: int) -> select.Selection:
-    rng = np.random.default_rng(seed)
+    # Two independent streams: ranking rows within clusters, then the cut's own draws among equal priorities.
+    rank_rng, select_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     priorities, clusters = {}, {}
     for name, p in params.items():
         rows = select.as_units(p, "row")
         labels = cluster_rows(rows, mcfg.clusters, seed)
-        importance = select.as_units(scores[name], "row").float().mean(1)
-        priority = cluster_priority(labels, importance, rng)
+        importance = select.as_units(scores[name], "row").double().mean(1)
+        priority = cluster_priority(labels, importance, rank_rng)
         priorities[name] = priority[:, None].expand(rows.shape).reshape(p.shape)
         clusters[name] = labels, importance
-    selection = select.freeze_lowest(priorities, mcfg.ratio, mcfg.allocation, "row", seed)
+    selection = select.freeze_lowest(priorities, mcfg.ratio, mcfg.allocation, "row", select_rng)
     tied = 0
     for name, (labels, importance) in clusters.items():
         frozen_rows = select.as_units(selection.masks[name], "row")
