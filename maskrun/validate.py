@@ -52,8 +52,7 @@ def compose_jobs(config_module: str, config_name: str, overrides: list[str], mul
         parsed = OverridesParser.create().parse_overrides(overrides)
         if not multirun and any(o.is_sweep_override() for o in parsed):
             raise ConfigError(f"{' '.join(overrides)} describes several runs", "add -m to run them as a sweep")
-        groups = {p.name for p in files(config_module).iterdir() if p.is_dir() and not p.name.startswith("_")}
-        groups |= {p.name for p in Path(config_dir).iterdir() if p.is_dir()} if config_dir else set()
+        groups = config_groups(Path(str(files(config_module)))) | (config_groups(Path(config_dir)) if config_dir else set())
         keys = [o.get_key_element() for o in parsed]
         repeated = sorted({k for k in keys if keys.count(k) > 1})
         if repeated:  # Hydra would silently keep only the last one
@@ -77,6 +76,12 @@ def compose_jobs(config_module: str, config_name: str, overrides: list[str], mul
             key = match.group(1) or match.group(2)
             raise ConfigError(f"+{key} adds what already exists", f"drop the '+': {key}=<value>") from None
         raise ConfigError(first_line(err), "see maskrun --help") from None
+
+
+def config_groups(root: Path) -> set[str]:
+    """Every config group under `root`, nested ones as Hydra names them (e.g. experiment/methods)."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")
+            if p.is_dir() and not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)}
 
 
 @contextlib.contextmanager
