@@ -44,9 +44,9 @@ def spearman(x: pd.Series, y: pd.Series) -> tuple[float, int]:
 
 def correlations(ok_jobs: pd.DataFrame) -> list[tuple[str, float, int]]:
     """(measure, Spearman ρ with test forgetting, jobs) for each interference measure."""
-    forgetting = ok_jobs.get(TEST_FORGETTING, pd.Series(index=ok_jobs.index, dtype=float))
-    return [(name, *spearman(ok_jobs.get(column, pd.Series(index=ok_jobs.index, dtype=float)), forgetting))
-            for column, name in MEASURES.items()]
+    missing = pd.Series(index=ok_jobs.index, dtype=float)  # a measure no job recorded
+    forgetting = ok_jobs.get(TEST_FORGETTING, missing)
+    return [(name, *spearman(ok_jobs.get(column, missing), forgetting)) for column, name in MEASURES.items()]
 
 
 def pareto_front(table: pd.DataFrame) -> pd.Series:
