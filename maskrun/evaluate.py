@@ -1,11 +1,12 @@
 """Task metrics of the fine-tuned model, and interference: what fine-tuning did to pretraining."""
 
+import copy
 import re
 from pathlib import Path
 
 import torch
 
-from maskrun.data import Corpus
+from maskrun.data import Corpus, TaskData
 from maskrun.data.dedup import overlap
 from maskrun.models import load_backbone, load_pretraining_model
 from maskrun.pretrain import objective_batch, objective_loss, pack_texts
@@ -110,38 +111,91 @@ def forgetting(texts: list[str], pretraining_texts: list[str], loss_before: floa
     }
 
 
-def interference(pretrained_dir: Path, finetuned_model, tokenizer, corpus: Corpus, heldout_texts: int,
-                 objective: str | None, max_length: int, device: torch.device, batch_size: int) -> dict:
-    """Forgetting (held-out pretraining loss after − before), CKA of hidden states, and weight drift.
+def task_inputs(tokenizer, texts: list[str], max_length: int, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's texts, one per row as the task model reads them, and the positions the pretraining head predicts
+    there: for MLM masked positions drawn from their own generator, seeded with EVAL_SEED, as in heldout_blocks."""
+    ids = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")["input_ids"]
+    return objective_batch(tokenizer, ids, objective, EVAL_MLM_PROBABILITY, torch.Generator().manual_seed(EVAL_SEED))
 
-    The top-level measures use the corpus's test slice; `validation` holds forgetting on its validation slice,
-    for choosing settings. Each slice is capped at `heldout_texts` texts. `objective` is None for a checkpoint
-    without a pretraining head: then the losses and forgetting are null.
+
+def predicted_log_probs(model, inputs: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
+    """The pretraining head's log-probabilities over the vocabulary at each predicted position: the labelled ones
+    for MLM, for a causal LM each position whose next token is labelled. (positions, vocabulary), in float64: a
+    divergence between close models is a small difference of log-probabilities."""
+    attention_mask = inputs.ne(model.config.pad_token_id)
+    if objective == "mlm" and hasattr(model, "cls"):
+        # BERT: project only the masked positions, as objective_loss does.
+        hidden = model.bert(input_ids=inputs, attention_mask=attention_mask).last_hidden_state
+        return model.cls(hidden[labels.ne(-100)]).double().log_softmax(-1)
+    logits = model(input_ids=inputs, attention_mask=attention_mask).logits
+    if objective == "causal_lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return logits[labels.ne(-100)].double().log_softmax(-1)
+
+
+def kl_divergences(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) = Σ_v P(v) (log P(v) − log Q(v)) at each position, from log-probabilities (positions, vocabulary)."""
+    return torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+
+@torch.no_grad()
+def kl_task(pretrained, finetuned, inputs: torch.Tensor, labels: torch.Tensor, objective: str, device: torch.device,
+            batch_size: int) -> float:
+    """Mean over predicted positions of KL(P_pre || P_ft) between two models' pretraining-head distributions."""
+    pretrained.eval(), finetuned.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(inputs), batch_size):
+        batch_inputs, batch_labels = inputs[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        kl = kl_divergences(predicted_log_probs(pretrained, batch_inputs, batch_labels, objective),
+                            predicted_log_probs(finetuned, batch_inputs, batch_labels, objective))
+        total += float(kl.sum())
+        count += len(kl)
+    return total / count
+
+
+def interference(pretrained_dir: Path, finetuned_model, tokenizer, corpus: Corpus, task: TaskData, heldout_texts: int,
+                 objective: str | None, max_length: int, device: torch.device, batch_size: int) -> dict:
+    """Forgetting (held-out pretraining loss after − before), CKA of hidden states, weight drift, and the KL
+    divergence of the pretraining head's predictions on the task's held-out inputs (kl_task).
+
+    The top-level measures use the corpus's test slice and the task's test texts; `validation` holds forgetting
+    and kl_task on their validation counterparts, for choosing settings. Each is capped at `heldout_texts` texts.
+    `objective` is None for a checkpoint without a pretraining head: then the losses, forgetting and kl_task are
+    null.
     """
     texts = {"test": corpus.test[:heldout_texts], "validation": corpus.validation[:heldout_texts]}
+    task_texts = {"test": task.test.texts[:heldout_texts], "validation": task.validation.texts[:heldout_texts]}
     batches = {name: heldout_blocks(tokenizer, slice_texts, max_length, objective) for name, slice_texts in texts.items()}
-    model = (load_pretraining_model(pretrained_dir, objective) if objective else load_backbone(pretrained_dir)).to(device)
-    backbone = model.base_model
+    pretrained = (load_pretraining_model(pretrained_dir, objective) if objective else load_backbone(pretrained_dir)).to(device)
+    # The fine-tuned backbone under the pretrained head.
+    finetuned = copy.deepcopy(pretrained)
+    result = finetuned.base_model.load_state_dict(finetuned_model.base_model.state_dict(), strict=False)
+    assert not result.missing_keys, f"fine-tuned backbone lacks {result.missing_keys}"
 
-    def losses() -> dict:
+    def losses(model) -> dict:
         return {name: pretraining_loss(model, inputs, labels, objective, device, batch_size) if objective else None
                 for name, (inputs, labels) in batches.items()}
 
-    before = {name: p.detach().clone() for name, p in backbone.named_parameters()}
-    loss_before = losses()
-    hidden_before = hidden_states(backbone, batches["test"][0], device, batch_size)
-    # The fine-tuned backbone under the pretrained head.
-    result = backbone.load_state_dict(finetuned_model.base_model.state_dict(), strict=False)
-    assert not result.missing_keys, f"fine-tuned backbone lacks {result.missing_keys}"
-    loss_after = losses()
-    hidden_after = hidden_states(backbone, batches["test"][0], device, batch_size)
+    def task_kl(name: str) -> float | None:
+        if not objective:
+            return None
+        inputs, labels = task_inputs(tokenizer, task_texts[name], max_length, objective)
+        return kl_task(pretrained, finetuned, inputs, labels, objective, device, batch_size)
+
+    loss_before, loss_after = losses(pretrained), losses(finetuned)
+    hidden_before = hidden_states(pretrained.base_model, batches["test"][0], device, batch_size)
+    hidden_after = hidden_states(finetuned.base_model, batches["test"][0], device, batch_size)
     cka_per_layer = [linear_cka(a, b) for a, b in zip(hidden_before, hidden_after)]
-    drift = drift_l2(before, dict(backbone.named_parameters()))
+    drift = drift_l2(*({name: p.detach() for name, p in model.base_model.named_parameters()}
+                       for model in (pretrained, finetuned)))
     return {
         **forgetting(texts["test"], corpus.train, loss_before["test"], loss_after["test"]),
         "cka": sum(cka_per_layer) / len(cka_per_layer),
         "cka_per_layer": cka_per_layer,
         "drift_l2": drift["total"],
         "drift_l2_per_layer": drift["per_layer"],
-        "validation": forgetting(texts["validation"], corpus.train, loss_before["validation"], loss_after["validation"]),
+        "kl_task": task_kl("test"),
+        "kl_task_texts": len(task_texts["test"]),
+        "validation": {**forgetting(texts["validation"], corpus.train, loss_before["validation"], loss_after["validation"]),
+                       "kl_task": task_kl("validation"), "kl_task_texts": len(task_texts["validation"])},
     }

@@ -93,8 +93,8 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
             "test": classify(model, tokenizer, task.test, cfg.finetune.max_length, device, cfg.eval.batch_size),
         }
         metrics["interference"] = interference(
-            pretrained_dir, model, tokenizer, corpus, cfg.eval.heldout_texts, pretraining_objective(cfg.model, cfg.pretrain),
-            cfg.pretrain.max_length, device, cfg.eval.batch_size)
+            pretrained_dir, model, tokenizer, corpus, task, cfg.eval.heldout_texts,
+            pretraining_objective(cfg.model, cfg.pretrain), cfg.pretrain.max_length, device, cfg.eval.batch_size)
 
     if cfg.eval.controls:
         with stage_timer(timing, "controls"):

@@ -1,5 +1,8 @@
 """Interference measures on hand-built cases, and a small sweep with the scratch control and sequential fine-tuning."""
 
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -7,9 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from conftest import assert_frozen_entries_exact, load_metrics, maskrun, run_dirs
-from maskrun.data import Corpus
+from maskrun.data import Corpus, TaskData
+from maskrun.data.tasks import Split
 from maskrun.data.tokenizer import train_tokenizer
-from maskrun.evaluate import drift_l2, interference, layer_of, linear_cka
+from maskrun.evaluate import drift_l2, interference, kl_divergences, kl_task, layer_of, linear_cka
 from maskrun.models import build_pretraining_model, load_task_model
 from maskrun.pretrain import MASK_TOKEN_SHARE, RANDOM_TOKEN_SHARE, mask_tokens
 
@@ -43,6 +47,41 @@ def test_layers_are_named_alike_for_bert_and_gpt2():
     assert layer_of("transformer.h.3.mlp.c_fc.weight") == "layer.3"
     assert layer_of("transformer.wte.weight") == layer_of("bert.embeddings.word_embeddings.weight") == "embeddings"
     assert layer_of("transformer.ln_f.weight") == layer_of("bert.pooler.dense.weight") == "other"
+
+
+def test_kl_divergence_per_position_equals_the_sum_over_the_vocabulary():
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    q = torch.tensor([[0.25, 0.75], [0.9, 0.1]])
+    by_hand = [0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75), 0.0]
+    assert kl_divergences(p.log(), q.log()).tolist() == pytest.approx(by_hand)
+
+
+class Bigram(torch.nn.Module):
+    """A causal LM whose next-token distribution depends on the current token only: row t of `probs`."""
+
+    def __init__(self, probs: torch.Tensor):
+        super().__init__()
+        self.log_probs = probs.log()
+        self.config = SimpleNamespace(pad_token_id=0)
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=self.log_probs[input_ids])
+
+
+def test_kl_task_is_the_mean_over_next_token_positions_of_a_causal_lm():
+    """Token 0 pads. Row [1, 2, 0] predicts only after token 1 (the next token there is padding); row [2, 1, 2]
+    predicts after tokens 2 and 1. So the mean is over three positions: after 1, 2 and 1."""
+    pretrained = Bigram(torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.2, 0.4, 0.4], [0.1, 0.1, 0.8]]))
+    finetuned = Bigram(torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.2, 0.2, 0.6], [0.1, 0.1, 0.8]]))
+    inputs = torch.tensor([[1, 2, 0], [2, 1, 2]])
+    labels = inputs.masked_fill(inputs.eq(0), -100)
+    after_1 = 0.2 * math.log(0.2 / 0.2) + 0.4 * math.log(0.4 / 0.2) + 0.4 * math.log(0.4 / 0.6)
+    after_2 = 0.0  # the same distribution
+    by_hand = (after_1 + after_2 + after_1) / 3
+    for batch_size in (1, 2):  # a mean over positions, not over batches
+        assert kl_task(pretrained, finetuned, inputs, labels, "causal_lm", torch.device("cpu"), batch_size) == \
+            pytest.approx(by_hand)
+    assert kl_task(pretrained, pretrained, inputs, labels, "causal_lm", torch.device("cpu"), 2) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +119,19 @@ def test_an_unchanged_model_shows_no_interference_and_a_perturbed_one_shows_its_
     task_model = load_task_model(tmp_path, num_labels=2)
     # The slices split TEXTS; one test text also occurs (in other case and punctuation) in the training split.
     corpus = Corpus("toy", train=[TEXTS[0].upper() + "!", "an unrelated text"], validation=TEXTS[18:], test=TEXTS[:18])
-    measure = lambda: interference(tmp_path, task_model, tokenizer, corpus, 16, objective, 16, torch.device("cpu"), 8)
+    # The task's held-out inputs, on which kl_task is measured: 18 test texts (capped at 16) and 6 validation texts.
+    task = TaskData("toy", ["a", "b"], train=Split(TEXTS[:2], [0, 1]), validation=Split(TEXTS[30:], [0, 1] * 3),
+                    test=Split(TEXTS[12:30], [0, 1] * 9))
+    measure = lambda objective=objective: interference(tmp_path, task_model, tokenizer, corpus, task, 16, objective, 16,
+                                                       torch.device("cpu"), 8)
 
     unchanged = measure()
     assert (unchanged["heldout_texts"], unchanged["heldout_overlap"]) == (16, 1)
     assert (unchanged["validation"]["heldout_texts"], unchanged["validation"]["heldout_overlap"]) == (16, 0)
+    assert (unchanged["kl_task_texts"], unchanged["validation"]["kl_task_texts"]) == (16, 6)
     assert unchanged["forgetting"] == pytest.approx(0.0, abs=1e-6)
     assert unchanged["validation"]["forgetting"] == pytest.approx(0.0, abs=1e-6)
+    assert unchanged["kl_task"] == 0.0 and unchanged["validation"]["kl_task"] == 0.0
     assert unchanged["cka"] == pytest.approx(1.0) and all(c == pytest.approx(1.0) for c in unchanged["cka_per_layer"])
     assert len(unchanged["cka_per_layer"]) == 3  # embeddings and 2 layers
     assert unchanged["drift_l2"] == 0.0 and set(unchanged["drift_l2_per_layer"]) >= {"embeddings", "layer.0", "layer.1"}
@@ -104,6 +149,11 @@ def test_an_unchanged_model_shows_no_interference_and_a_perturbed_one_shows_its_
     assert perturbed["cka_per_layer"][:2] == pytest.approx([1.0, 1.0]) and perturbed["cka_per_layer"][2] < 1.0
     assert perturbed["forgetting"] != 0.0 and perturbed["validation"]["forgetting"] != 0.0
     assert perturbed["validation"]["pretrain_loss_before"] == unchanged["validation"]["pretrain_loss_before"]
+    assert perturbed["kl_task"] > 0.0 and perturbed["validation"]["kl_task"] > 0.0
+    torch.manual_seed(99)  # the positions measured come from their own generator, not the global one
+    assert measure()["kl_task"] == perturbed["kl_task"]
+    without_head = measure(objective=None)  # a checkpoint used as is: no pretraining head to compare
+    assert without_head["kl_task"] is None and without_head["validation"]["kl_task"] is None
 
 
 @pytest.fixture(scope="module")

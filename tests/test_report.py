@@ -11,7 +11,8 @@ import pytest
 
 from maskrun.report import cli
 from maskrun.report.plots import draw_metric_vs_share
-from maskrun.report.sweep import aggregate, pareto_front, summary_table, write_sweep_report
+from maskrun.report.compare import pareto_front
+from maskrun.report.sweep import aggregate, summary_table, write_sweep_report
 
 
 class Result(NamedTuple):
@@ -134,6 +135,9 @@ def test_front_without_validation_forgetting_says_so_and_never_uses_test(tmp_pat
     write_sweep_report(sweep_dir)
     report = (sweep_dir / "report.md").read_text()
     assert "**Pareto front**: none drawn: no setting recorded both validation accuracy and validation forgetting" in report
+    assert report.splitlines()[2] == ("**Matched accuracy on rotten_tomatoes**: no method can be compared at matched "
+                                      "accuracy: no setting recorded both validation accuracy and validation forgetting.")
+    assert not (sweep_dir / "plots" / "rotten_tomatoes_method_fronts.png").exists()
     assert "**Best setting** (highest mean validation accuracy): random r=0.3" in report
     assert not (sweep_dir / "plots" / "rotten_tomatoes_accuracy_vs_forgetting.png").exists()
     assert (sweep_dir / "plots" / "rotten_tomatoes_forgetting_vs_ratio.png").exists()  # test forgetting, reported
@@ -142,12 +146,13 @@ def test_front_without_validation_forgetting_says_so_and_never_uses_test(tmp_pat
 def test_report_lists_requested_and_realized_ratio_failed_jobs_and_draws_plots(sweep_dir):
     write_sweep_report(sweep_dir)
     report = (sweep_dir / "report.md").read_text()
-    assert "| strategy | ratio | realized | setting | seeds | validation accuracy | test accuracy |" in report
-    assert "| importance | 0.3 | 0.300 ± 0.000 | – | 2 | 0.7200 ± 0.0141 | 0.7600 ± 0.0141 |" in report
-    assert "| importance | 0.9 | 0.890 ± 0.014 | – | 2 |" in report
+    assert "| method | strategy | ratio | realized | setting | seeds | validation accuracy | test accuracy |" in report
+    assert "| mask | importance | 0.3 | 0.300 ± 0.000 | – | 2 | 0.7200 ± 0.0141 | 0.7600 ± 0.0141 |" in report
+    assert "| mask | importance | 0.9 | 0.890 ± 0.014 | – | 2 |" in report
     assert "fine-tuning loss became nan" in report and "| 9 | incomplete |" in report
     plots = sorted(p.name for p in (sweep_dir / "plots").iterdir())
-    assert plots == [f"rotten_tomatoes_{name}.png" for name in ("accuracy_vs_forgetting", "accuracy_vs_ratio", "forgetting_vs_ratio")]
+    assert plots == [f"rotten_tomatoes_{name}.png" for name in
+                     ("accuracy_vs_forgetting", "accuracy_vs_ratio", "forgetting_vs_ratio", "method_fronts")]
     assert len(pd.read_csv(sweep_dir / "summary.csv")) == 10
 
 

@@ -24,12 +24,12 @@ def job_metrics(sweep_dir: Path) -> list[dict]:
 
 
 def expected_plots(sweep_dir: Path) -> list[str]:
-    """Accuracy and forgetting vs the realized share; accuracy vs forgetting only where the jobs recorded
-    validation forgetting, on which its Pareto front is chosen."""
+    """Accuracy and forgetting vs the realized share; accuracy vs forgetting and each method's front only where the
+    jobs recorded validation forgetting, on which the fronts are chosen."""
     names = ["accuracy_vs_ratio", "forgetting_vs_ratio"]
     if any(((m["interference"] or {}).get("validation") or {}).get("forgetting") is not None
            for m in job_metrics(sweep_dir)):
-        names.append("accuracy_vs_forgetting")
+        names += ["accuracy_vs_forgetting", "method_fronts"]
     return sorted(f"rotten_tomatoes_{name}.png" for name in names)
 
 

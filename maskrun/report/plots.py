@@ -1,7 +1,10 @@
-"""Plots of a sweep, one task at a time: what masking costs in accuracy and what it saves in forgetting.
+"""Plots of a sweep, one task at a time: what masking costs in accuracy and what it saves in forgetting, and
+how every method's accuracy–forgetting front compares.
 
-Each setting sits at the share of entries its masks actually froze (whole layers or whole tensors
-can realize much less or more than the requested ratio), labelled with the requested ratio.
+In the plots against the frozen share, each mask setting sits at the share of entries its masks
+actually froze (whole layers or whole tensors can realize much less or more than the requested
+ratio), labelled with the requested ratio. Elsewhere points are labelled with their method's dial
+value (a mask's dial is its requested ratio).
 """
 
 from pathlib import Path
@@ -24,23 +27,24 @@ LABELS = {
 
 
 def curves(table: pd.DataFrame):
-    """One curve per strategy (and per other swept setting), in order of realized share."""
-    for (strategy, setting), curve in table.groupby(["mask.strategy", "setting"], dropna=False):
-        yield f"{strategy} {setting}".strip(), curve.sort_values([f"{REALIZED} mean", "mask.ratio"])
+    """One curve per method label (per strategy for masks) and per other swept setting, in order of realized share."""
+    for (label, setting), curve in table.groupby(["label", "setting"], dropna=False):
+        yield f"{label} {setting}".strip(), curve.sort_values([f"{REALIZED} mean", "mask.ratio"])
 
 
-def label_requested_ratios(ax, curve: pd.DataFrame, x: str, y: str) -> None:
-    """Each point's requested ratio beside it; settings that land on the same point share one label."""
+def label_dial_values(ax, curve: pd.DataFrame, x: str, y: str) -> None:
+    """Each point's dial value (a mask's requested ratio) beside it; settings on the same point share one label."""
     for (px, py), points in curve.groupby([x, y], sort=False):
-        ax.annotate(",".join(f"{r:g}" for r in points["mask.ratio"]), (px, py), fontsize=7,
+        ax.annotate(",".join(dial.partition("=")[2] for dial in points["dial"]), (px, py), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
 
 
 def draw_metric_vs_share(ax, table: pd.DataFrame, metric: str) -> None:
-    for label, curve in curves(table):
+    """Mask settings only: the other methods freeze nothing, so they have no share to be placed at."""
+    for label, curve in curves(table[table["method"] == "mask"]):
         ax.errorbar(curve[f"{REALIZED} mean"], curve[f"{metric} mean"], xerr=curve[f"{REALIZED} std"].fillna(0),
                     yerr=curve[f"{metric} std"].fillna(0), marker="o", capsize=3, label=label)
-        label_requested_ratios(ax, curve, f"{REALIZED} mean", f"{metric} mean")
+        label_dial_values(ax, curve, f"{REALIZED} mean", f"{metric} mean")
     ax.set(xlabel="realized frozen share (labels: requested ratio)", ylabel=LABELS[metric],
            title="per strategy, at the share its masks froze")
     ax.legend(fontsize=8)
@@ -52,11 +56,26 @@ def draw_accuracy_vs_forgetting(ax, table: pd.DataFrame, front: pd.Series) -> No
     for label, curve in curves(table):
         ax.errorbar(curve[x], curve[y], xerr=curve[f"{VALIDATION_FORGETTING} std"].fillna(0),
                     yerr=curve[f"{VALIDATION_ACCURACY} std"].fillna(0), fmt="o", capsize=3, label=label)
-        label_requested_ratios(ax, curve, x, y)
+        label_dial_values(ax, curve, x, y)
     best = table[front].sort_values(x)
     ax.plot(best[x], best[y], "k--", lw=1, marker="o", ms=12, mfc="none", label="Pareto front")
     ax.set(xlabel=LABELS[VALIDATION_FORGETTING] + ", lower is better", ylabel=LABELS[VALIDATION_ACCURACY],
-           title="accuracy vs forgetting (labels: requested ratio)")
+           title="accuracy vs forgetting (labels: dial value)")
+    ax.legend(fontsize=8)
+
+
+def draw_method_fronts(ax, fronts: dict[str, pd.DataFrame], levels: list[float]) -> None:
+    """Each method's front at its validation accuracy (where fronts are chosen and matched) and its test forgetting
+    (reported), with the std over seeds of both as error bars; dotted lines at the accuracy levels compared."""
+    x, y = f"{VALIDATION_ACCURACY} mean", f"{TEST_FORGETTING} mean"
+    for label, front in fronts.items():
+        ax.errorbar(front[x], front[y], xerr=front[f"{VALIDATION_ACCURACY} std"].fillna(0),
+                    yerr=front[f"{TEST_FORGETTING} std"].fillna(0), marker="o", capsize=3, label=label)
+        label_dial_values(ax, front, x, y)
+    for level in levels:
+        ax.axvline(level, color="grey", ls=":", lw=0.8)
+    ax.set(xlabel="validation accuracy (chooses and matches)", ylabel="test forgetting, lower is better")
+    ax.set_title("each method's front (labels: dial value)\ndotted: the accuracy levels compared", fontsize=9)
     ax.legend(fontsize=8)
 
 
@@ -64,13 +83,20 @@ def sweep_plots(sweep_dir: Path, task: str, table: pd.DataFrame, front: pd.Serie
     """Draws the task's plots into sweep_dir/plots; returns their paths relative to sweep_dir."""
     (sweep_dir / "plots").mkdir(exist_ok=True)
     drawn = []
+    masks = table[table["method"] == "mask"]
     for metric, name in ((TEST_ACCURACY, "accuracy_vs_ratio"), (TEST_FORGETTING, "forgetting_vs_ratio")):
-        if table[f"{metric} mean"].notna().any():
+        if masks[f"{metric} mean"].notna().any():
             drawn.append(save(sweep_dir, f"plots/{task}_{name}.png", draw_metric_vs_share, table, metric))
     if front.any():
         drawn.append(save(sweep_dir, f"plots/{task}_accuracy_vs_forgetting.png", draw_accuracy_vs_forgetting,
                           table, front))
     return drawn
+
+
+def method_fronts_plot(sweep_dir: Path, task: str, fronts: dict[str, pd.DataFrame], levels: list[float]) -> str:
+    """Draws plots/<task>_method_fronts.png; returns its path relative to sweep_dir."""
+    (sweep_dir / "plots").mkdir(exist_ok=True)
+    return save(sweep_dir, f"plots/{task}_method_fronts.png", draw_method_fronts, fronts, levels)
 
 
 def save(sweep_dir: Path, path: str, draw, *args) -> str:

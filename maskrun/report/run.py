@@ -21,13 +21,16 @@ def fmt(value, digits: int = 4) -> str:
 
 def key_numbers(metrics: dict) -> list[tuple[str, str]]:
     task, interference, mask = metrics.get("task") or {}, metrics.get("interference") or {}, metrics.get("mask") or {}
-    test = task.get("test") or {}
+    test, method = task.get("test") or {}, metrics.get("method") or {}
+    dial = method.get("dial") or {}
     return [
         ("status", metrics["status"]),
+        ("method", f"{method.get('name', 'mask')} ({dial['key']}={dial['value']})" if dial else method.get("name", "mask")),
         ("mask", f"{mask.get('strategy', '–')} r={fmt(mask.get('ratio'), 2)} (actual {fmt(mask.get('ratio_actual'))})"),
         ("test accuracy", fmt(test.get("accuracy"))),
         ("test macro-F1", fmt(test.get("macro_f1"))),
         ("forgetting", fmt(interference.get("forgetting"))),
+        ("KL on task inputs", fmt(interference.get("kl_task"), 6)),
         ("CKA", fmt(interference.get("cka"))),
         ("drift L2", fmt(interference.get("drift_l2"))),
         ("cache", " ".join(f"{k}:{v}" for k, v in metrics.get("cache", {}).items())),
@@ -115,7 +118,8 @@ def write_run_report(run_dir: Path, metrics: dict) -> None:
                   f"Held-out pretraining-objective loss {fmt(interference['pretrain_loss_before'])} before fine-tuning, "
                   f"{fmt(interference['pretrain_loss_after'])} after: forgetting {fmt(interference['forgetting'])}. "
                   f"Mean linear CKA of hidden states before vs after {fmt(interference['cka'])} (1 = unchanged); "
-                  f"weight drift ‖W_ft − W_pre‖ = {fmt(interference['drift_l2'])}."]
+                  f"weight drift ‖W_ft − W_pre‖ = {fmt(interference['drift_l2'])}; mean KL(pretrained ‖ fine-tuned) of "
+                  f"the pretraining head's predictions on the task's test inputs {fmt(interference.get('kl_task'), 6)}."]
         plot = plot_interference_per_layer(run_dir, interference)
         lines += ["", f"![{plot}]({plot})"]
     lines += controls_lines(metrics.get("controls")) + sequential_lines(metrics.get("sequential"))

@@ -2,10 +2,13 @@
 
 It reads only the job dirs' metrics.json files, so it can be rebuilt at any time, also for a
 crashed or partial sweep: a job dir that Hydra started but that holds no metrics.json is a row
-with status `incomplete`.
+with status `incomplete`. Jobs of different methods are never merged: each is a setting of its
+method, and the methods are compared at matched validation accuracy (maskrun.report.compare).
 """
 
 import json
+import math
+import numbers
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +17,7 @@ from rich.table import Table
 
 from maskrun.masks.analytics import mask_overlap
 from maskrun.progress import console
-from maskrun.report import plots
+from maskrun.report import compare, plots
 
 REALIZED = plots.REALIZED
 VALIDATION_ACCURACY, VALIDATION_FORGETTING = plots.VALIDATION_ACCURACY, plots.VALIDATION_FORGETTING
@@ -25,13 +28,16 @@ METRICS = {  # column of summary.csv: its name in the report. Validation chooses
     "task.test.macro_f1": "test macro-F1",
     VALIDATION_FORGETTING: "validation forgetting",
     TEST_FORGETTING: "test forgetting",
+    "interference.kl_task": "KL task",
     "interference.cka": "CKA",
     "interference.drift_l2": "drift L2",
 }
-SETTING = ["task.name", "mask.strategy", "mask.ratio", "setting"]  # one group of seeds; mask.ratio as requested
+# One group of seeds: a method at one value of its dial (`dial`, e.g. finetune.lr=0.001; a mask job's is its requested
+# mask.ratio) under one mask and other swept settings.
+SETTING = ["task.name", "method", "mask.strategy", "mask.ratio", "dial", "setting"]
 CHOOSING = ("Settings are chosen on validation metrics: the best setting has the highest mean validation accuracy, "
-            "and the Pareto front is drawn on validation accuracy and validation forgetting. Test metrics are "
-            "reported beside them and never used to choose.")
+            "the Pareto fronts are drawn on validation accuracy and validation forgetting, and methods are matched "
+            "at validation accuracy. Test metrics are reported beside them and never used to choose.")
 RATIOS = ("`ratio` is the requested `mask.ratio`, `realized` the share of eligible entries actually frozen "
           "(`mask.ratio_actual`, mean over seeds); the plots place each setting at its realized share.")
 
@@ -56,47 +62,80 @@ def load_job(job_dir: Path) -> dict:
 
 
 def summary_table(sweep_dir: Path) -> pd.DataFrame:
-    """One row per job: job dir, overrides, choices, status, error and every metric, flattened."""
+    """One row per job: job dir, overrides, choices, status, error and every metric, flattened; its method, the
+    method's dial and trainable share."""
     dirs = job_dirs(sweep_dir)
     jobs = [load_job(d) for d in dirs]
     frame = pd.json_normalize(jobs) if jobs else pd.DataFrame(columns=["status", "error", "overrides"])
     frame.insert(0, "job", [str(d.relative_to(sweep_dir)) for d in dirs])
-    frame["setting"] = varying_overrides([job.get("overrides") or [] for job in jobs])
-    for column in frame.columns:  # lists (overrides, labels, ...) as one JSON cell each
-        if frame[column].map(lambda v: isinstance(v, list)).any():
-            frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
+    overrides = [job.get("overrides") or [] for job in jobs]
+    add_method_columns(frame, overrides)
+    frame["setting"] = varying_overrides(overrides, list(frame["method.dial.key"]))
+    for name in frame.columns:  # lists (overrides, labels, ...) as one JSON cell each
+        if frame[name].map(lambda v: isinstance(v, list)).any():
+            frame[name] = frame[name].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
     return frame
 
 
-def varying_overrides(overrides: list[list[str]]) -> list[str]:
-    """Per job, the overrides that differ between jobs other than mask, ratio and seed (e.g. `finetune.lr=...`)."""
-    parsed = [dict(o.split("=", 1) for o in job if "=" in o) for job in overrides]
-    keys = sorted({k for job in parsed for k in job} - {"mask", "mask.ratio", "seed"})
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in overrides if "=" in o)
+
+
+def column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A summary column as objects, or None in every row when no job recorded it."""
+    return frame[name].astype(object) if name in frame else pd.Series(None, index=frame.index, dtype=object)
+
+
+def dial_cell(key, value) -> str:
+    """The dial as `key=value`; empty when the job recorded none."""
+    if not isinstance(key, str) or value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{key}={value:g}" if isinstance(value, numbers.Real) else f"{key}={value}"
+
+
+def add_method_columns(frame: pd.DataFrame, overrides: list[list[str]]) -> None:
+    """`method` (metrics.json method.name; a job without a method section ran its `method=` override, else the
+    default, mask), its dial (`method.dial.key`, `method.dial.value`; a mask job's is its requested ratio), the dial
+    as one `key=value` cell (`dial`), and `trainable_share` = method.trainable / (mask.eligible + mask.head_entries)."""
+    frame["method"] = [name if isinstance(name, str) else parse_overrides(job).get("method", "mask")
+                       for name, job in zip(column(frame, "method.name"), overrides)]
+    key, value = column(frame, "method.dial.key"), column(frame, "method.dial.value")
+    undialled = frame["method"].eq("mask") & key.isna()
+    key[undialled], value[undialled] = "mask.ratio", column(frame, "mask.ratio")[undialled]
+    frame["method.dial.key"], frame["method.dial.value"] = key, value
+    frame["dial"] = [dial_cell(k, v) for k, v in zip(key, value)]
+    trainable, eligible, head = (pd.to_numeric(column(frame, name), errors="coerce")
+                                 for name in ("method.trainable", "mask.eligible", "mask.head_entries"))
+    frame["trainable_share"] = trainable / (eligible + head)
+
+
+def varying_overrides(overrides: list[list[str]], dial_keys: list) -> list[str]:
+    """Per job, the overrides that differ between jobs other than the method, its dial, mask, ratio and seed
+    (e.g. `finetune.lr=...` of a mask job; for a method=full job the learning rate is its dial)."""
+    parsed = [parse_overrides(job) for job in overrides]
+    keys = sorted({k for job in parsed for k in job} - {"method", "mask", "mask.ratio", "seed"})
     varying = [k for k in keys if len({job.get(k) for job in parsed}) > 1]
-    return [" ".join(f"{k}={job[k]}" for k in varying if k in job) for job in parsed]
+    return [" ".join(f"{k}={job[k]}" for k in varying if k in job and k != dial_key)
+            for job, dial_key in zip(parsed, dial_keys)]
 
 
 def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std and count over seeds of the realized share and each metric, per task × strategy × requested
-    ratio (× other swept settings). A metric no job recorded is a column of NaN."""
+    """Mean, std and count over seeds of the realized share and each metric, per task × method × strategy ×
+    requested ratio × dial value (× other swept settings), with each setting's method `label`
+    (maskrun.report.compare.method_label). A metric no job recorded is a column of NaN."""
     ok = summary[summary["status"] == "ok"]
     if ok.empty:
-        return pd.DataFrame(columns=SETTING)
+        return pd.DataFrame(columns=[*SETTING, "label"])
     columns = [REALIZED, *METRICS]
-    numbers = ok[SETTING].join(ok.reindex(columns=columns).apply(pd.to_numeric, errors="coerce"))  # null: NaN
-    groups = numbers.groupby(SETTING, dropna=False)[columns]
+    values = ok[SETTING].join(ok.reindex(columns=columns).apply(pd.to_numeric, errors="coerce"))  # null: NaN
+    groups = values.groupby(SETTING, dropna=False)[columns]
     table = groups.agg(["mean", "std"])
     table.columns = [f"{metric} {stat}" for metric, stat in table.columns]
     table["seeds"] = groups.size()
-    return table.reset_index().sort_values(SETTING)
-
-
-def pareto_front(table: pd.DataFrame) -> pd.Series:
-    """True for the settings no other setting beats on both validation accuracy (higher) and validation
-    forgetting (lower); a setting without either is not on it."""
-    acc, forget = table[f"{VALIDATION_ACCURACY} mean"], table[f"{VALIDATION_FORGETTING} mean"]
-    dominated = [((acc >= a) & (forget <= f) & ((acc > a) | (forget < f))).any() for a, f in zip(acc, forget)]
-    return ~pd.Series(dominated, index=table.index) & acc.notna() & forget.notna()
+    table = table.reset_index().sort_values(SETTING)
+    table["label"] = [compare.method_label(method, strategy)
+                      for method, strategy in zip(table["method"], table["mask.strategy"])]
+    return table
 
 
 def mean_std(row: pd.Series, metric: str, digits: int = 4) -> str:
@@ -106,18 +145,27 @@ def mean_std(row: pd.Series, metric: str, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def shown_setting(row: pd.Series) -> str:
+    """What sets this row apart within its strategy and ratio: the dial of a method other than mask, other settings."""
+    parts = [row["dial"] if row["method"] != "mask" else "", row["setting"]]
+    return " ".join(part for part in parts if part)
+
+
 def setting_name(row: pd.Series) -> str:
-    name = f"{row['mask.strategy']} r={row['mask.ratio']:g}"
-    return f"{name} {row['setting']}" if row["setting"] else name
+    mask = f"{row['mask.strategy']} r={row['mask.ratio']:g}"
+    if row["method"] == "mask":
+        return f"{mask} {row['setting']}".strip()
+    with_mask = f" + mask {mask}" if row["mask.strategy"] != "none" else ""
+    return f"{row['method']}{with_mask} {shown_setting(row)}".strip()
 
 
 def task_section(task: str, table: pd.DataFrame, front: pd.Series) -> list[str]:
     lines = [f"## Task {task}", "", "Mean ± std over seeds (completed jobs only). " + RATIOS, "",
-             "| strategy | ratio | realized | setting | seeds | " + " | ".join(METRICS.values()) + " |",
-             "|---|---|---|---|---|" + "---|" * len(METRICS)]
+             "| method | strategy | ratio | realized | setting | seeds | " + " | ".join(METRICS.values()) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(METRICS)]
     for _, row in table.iterrows():
-        cells = [row["mask.strategy"], f"{row['mask.ratio']:g}", mean_std(row, REALIZED, digits=3),
-                 row["setting"] or "–", str(row["seeds"])]
+        cells = [row["method"], row["mask.strategy"], f"{row['mask.ratio']:g}", mean_std(row, REALIZED, digits=3),
+                 shown_setting(row) or "–", str(row["seeds"])]
         lines.append("| " + " | ".join(cells + [mean_std(row, m) for m in METRICS]) + " |")
     return lines + ["", best_setting(table), "", front_line(table, front)]
 
@@ -145,19 +193,84 @@ def front_line(table: pd.DataFrame, front: pd.Series) -> str:
             + "; ".join(setting_name(row) for _, row in table[front].iterrows()) + "." + note)
 
 
+MATCHED = ("Each method's points are its settings, one per value of its dial (`finetune.lr` for full, `mask.ratio` "
+           "for a mask, whose curves are drawn per strategy), mean ± std over seeds. A method's front is its points "
+           "that no other point of the same method beats on both validation accuracy (higher) and validation "
+           "forgetting (lower).")
+LEVELS = ("Test forgetting at common validation accuracy levels, interpolated linearly along each front in order of "
+          "validation accuracy (in brackets: validation forgetting, on which the headline chooses). No extrapolation: "
+          f"\"{compare.NOT_REACHED}\" means the level lies outside that method's front.")
+
+
+def matched_section(sweep_dir: Path, task: str, table: pd.DataFrame, fronts: dict[str, pd.DataFrame]) -> list[str]:
+    """A task's method points and fronts, its forgetting at common validation accuracy levels, and their plot."""
+    lines = [f"### {task}", "", MATCHED, "",
+             "| method | dial | setting | seeds | validation accuracy | validation forgetting | test accuracy | "
+             "test forgetting | on front |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, points in table.groupby("label", sort=True):
+        on_front = compare.pareto_front(points)
+        for index, row in points.iterrows():
+            cells = [label, row["dial"] or "–", row["setting"] or "–", str(row["seeds"])]
+            cells += [mean_std(row, m) for m in (VALIDATION_ACCURACY, VALIDATION_FORGETTING, TEST_ACCURACY,
+                                                   TEST_FORGETTING)]
+            lines.append("| " + " | ".join(cells + ["yes" if on_front[index] else "–"]) + " |")
+    if not fronts:
+        return lines + ["", "No front: no setting recorded both validation accuracy and validation forgetting.", ""]
+    levels = compare.accuracy_levels(fronts)
+    lines += ["", LEVELS, "", "| validation accuracy | " + " | ".join(fronts) + " |", "|---|" + "---|" * len(fronts)]
+    for level in levels:
+        cells = [matched_cell(front, level) for front in fronts.values()]
+        lines.append(f"| {level:.4f} | " + " | ".join(cells) + " |")
+    plot = plots.method_fronts_plot(sweep_dir, task, fronts, levels)
+    return lines + ["", f"![{plot}]({plot})", ""]
+
+
+def matched_cell(front: pd.DataFrame, level: float) -> str:
+    test = compare.at_accuracy(front, level, TEST_FORGETTING)
+    if test is None:
+        return compare.NOT_REACHED
+    return f"{test:.4f} ({compare.at_accuracy(front, level, VALIDATION_FORGETTING):.4f})"
+
+
+def correlation_section(summary: pd.DataFrame) -> list[str]:
+    """Per task, Spearman's ρ across the ok jobs of each interference measure with test forgetting."""
+    ok = summary[summary["status"] == "ok"]
+    if ok.empty:
+        return []
+    lines = ["## Interference measures vs forgetting", "",
+             f"Spearman rank correlation, across the ok jobs of a task, of each interference measure with test "
+             f"forgetting (`{TEST_FORGETTING}`); `jobs` counts the jobs that recorded both. CKA is 1 for an unchanged "
+             "model, so it tracks forgetting when ρ is near −1, the others when near +1. The trainable share is "
+             "`method.trainable / (mask.eligible + mask.head_entries)`. \"–\": fewer than "
+             f"{compare.MIN_JOBS_FOR_CORRELATION} such jobs, or a measure that does not vary.", "",
+             "| task | measure | Spearman ρ | jobs |", "|---|---|---|---|"]
+    for task, jobs in ok.groupby("task.name"):
+        for measure, rho, count in compare.correlations(jobs):
+            lines.append(f"| {task} | {measure} | {'–' if pd.isna(rho) else f'{rho:+.3f}'} | {count} |")
+    return lines + [""]
+
+
 def write_sweep_report(sweep_dir: Path) -> pd.DataFrame:
     """Writes summary.csv, report.md and plots/ into the sweep dir; returns the summary."""
     summary = summary_table(sweep_dir)
     summary.to_csv(sweep_dir / "summary.csv", index=False)
-    table = aggregate(summary)
+    tasks = dict(list(aggregate(summary).groupby("task.name")))
+    fronts = {task: compare.method_fronts(table) for task, table in tasks.items()}
+    headlines = [compare.headline(task, fronts[task], sorted(table["label"].unique())) for task, table in tasks.items()]
     counts = summary["status"].value_counts().to_dict()
     lines = [f"# maskrun sweep · {sweep_dir}", "",
+             *(headlines or ["No job finished, so no method can be compared."]), "",
              f"{len(summary)} jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".",
              "Every job, with all its metrics: `summary.csv`.", "", CHOOSING, ""]
-    for task, task_table in table.groupby("task.name"):
-        front = pareto_front(task_table)
-        lines += task_section(task, task_table, front)
-        lines += [""] + [f"![{plot}]({plot})" for plot in plots.sweep_plots(sweep_dir, task, task_table, front)] + [""]
+    for task, table in tasks.items():
+        front = compare.pareto_front(table)
+        lines += task_section(task, table, front)
+        lines += [""] + [f"![{plot}]({plot})" for plot in plots.sweep_plots(sweep_dir, task, table, front)] + [""]
+    if tasks:
+        lines += ["## Matched accuracy", ""]
+        for task, table in tasks.items():
+            lines += matched_section(sweep_dir, task, table, fronts[task])
+    lines += correlation_section(summary)
     lines += overlap_section(job_dirs(sweep_dir))
     failed = summary[summary["status"] != "ok"]
     if not failed.empty:
@@ -183,15 +296,15 @@ def overlap_section(dirs: list[Path]) -> list[str]:
 
 
 def print_sweep_table(sweep_dir: Path, summary: pd.DataFrame) -> None:
-    """Per task, the report's table (without macro-F1, to fit a terminal), then the jobs that are not ok."""
-    metrics = [m for m in METRICS if m != "task.test.macro_f1"]
+    """Per task, the report's table (without macro-F1 and kl_task, to fit a terminal), then the jobs that are not ok."""
+    metrics = [m for m in METRICS if m not in ("task.test.macro_f1", "interference.kl_task")]
     for task, table in aggregate(summary).groupby("task.name"):
         view = Table(title=f"maskrun sweep · {task} · {sweep_dir}")
-        for column in ["strategy", "ratio", "realized", "setting", "seeds"] + [METRICS[m] for m in metrics]:
+        for column in ["method", "strategy", "ratio", "realized", "setting", "seeds"] + [METRICS[m] for m in metrics]:
             view.add_column(column, overflow="fold")  # wrap, never hide, in a narrow terminal
         for _, row in table.iterrows():
-            view.add_row(row["mask.strategy"], f"{row['mask.ratio']:g}", mean_std(row, REALIZED, digits=3),
-                         row["setting"] or "–", str(row["seeds"]), *[mean_std(row, m, digits=3) for m in metrics])
+            view.add_row(row["method"], row["mask.strategy"], f"{row['mask.ratio']:g}", mean_std(row, REALIZED, digits=3),
+                         shown_setting(row) or "–", str(row["seeds"]), *[mean_std(row, m, digits=3) for m in metrics])
         console.print(view)
     for _, row in summary[summary["status"] != "ok"].iterrows():
         console.print(f"[red]job {row['job']} {row['status']}[/red]: {row['error']}")

@@ -1,0 +1,130 @@
+"""Methods compared across a sweep's jobs: which interference measure tracks forgetting, and how much each
+method forgets at the same validation accuracy.
+
+A method's points are its settings (one per dial value, mean over seeds); its front is the points that no
+other point of the same method beats on both validation accuracy and validation forgetting. Fronts are
+compared at common validation accuracy levels by linear interpolation along each front, never beyond it.
+Validation chooses; test forgetting is reported beside.
+"""
+
+import numpy as np
+import pandas as pd
+
+from maskrun.report.plots import TEST_FORGETTING, VALIDATION_ACCURACY, VALIDATION_FORGETTING
+
+# Column of summary.csv: its name in the report. Each is correlated with test forgetting across the ok jobs.
+MEASURES = {
+    "interference.kl_task": "KL on task inputs (kl_task)",
+    "interference.cka": "CKA",
+    "interference.drift_l2": "drift L2",
+    "trainable_share": "trainable share",
+}
+MIN_JOBS_FOR_CORRELATION = 3  # two jobs always rank-correlate at ±1
+LEVELS = 4
+NOT_REACHED = "not reached"
+
+
+def method_label(method: str, strategy: str) -> str:
+    """`mask/<strategy>` for masking (one curve per strategy), the method's name otherwise, with its mask if it has one.
+    A mask job with strategy none stays `mask/none`: only a method=full job is full fine-tuning."""
+    if method == "mask":
+        return f"mask/{strategy}"
+    return method if strategy == "none" else f"{method}+mask/{strategy}"
+
+
+def spearman(x: pd.Series, y: pd.Series) -> tuple[float, int]:
+    """Spearman's rank correlation over the jobs that recorded both (ties get their average rank), and their count;
+    NaN when fewer than MIN_JOBS_FOR_CORRELATION jobs or a constant measure leave nothing to rank."""
+    pairs = pd.concat([pd.to_numeric(x, errors="coerce"), pd.to_numeric(y, errors="coerce")], axis=1).dropna()
+    if len(pairs) < MIN_JOBS_FOR_CORRELATION:
+        return float("nan"), len(pairs)
+    ranks = pairs.rank()
+    return float(ranks.iloc[:, 0].corr(ranks.iloc[:, 1])), len(pairs)
+
+
+def correlations(ok_jobs: pd.DataFrame) -> list[tuple[str, float, int]]:
+    """(measure, Spearman ρ with test forgetting, jobs) for each interference measure."""
+    missing = pd.Series(index=ok_jobs.index, dtype=float)  # a measure no job recorded
+    forgetting = ok_jobs.get(TEST_FORGETTING, missing)
+    return [(name, *spearman(ok_jobs.get(column, missing), forgetting)) for column, name in MEASURES.items()]
+
+
+def pareto_front(table: pd.DataFrame) -> pd.Series:
+    """True for the settings no other setting beats on both validation accuracy (higher) and validation
+    forgetting (lower); a setting without either is not on it."""
+    acc, forget = table[f"{VALIDATION_ACCURACY} mean"], table[f"{VALIDATION_FORGETTING} mean"]
+    dominated = [((acc >= a) & (forget <= f) & ((acc > a) | (forget < f))).any() for a, f in zip(acc, forget)]
+    return ~pd.Series(dominated, index=table.index) & acc.notna() & forget.notna()
+
+
+def method_fronts(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Each method label's front over its own points, in order of validation accuracy; labels without one are left
+    out (they recorded no validation forgetting)."""
+    fronts = {}
+    for label, points in table.groupby("label", sort=True):
+        front = points[pareto_front(points)].sort_values(f"{VALIDATION_ACCURACY} mean")
+        if not front.empty:
+            fronts[label] = front
+    return fronts
+
+
+def accuracy_range(front: pd.DataFrame) -> tuple[float, float]:
+    accuracy = front[f"{VALIDATION_ACCURACY} mean"]
+    return float(accuracy.min()), float(accuracy.max())
+
+
+def common_accuracy(fronts: dict[str, pd.DataFrame]) -> tuple[float, float] | None:
+    """The validation accuracies every front spans: from the highest front minimum to the lowest front maximum (the
+    highest accuracy every method reaches); None when no accuracy lies on every front."""
+    low = max(accuracy_range(front)[0] for front in fronts.values())
+    high = min(accuracy_range(front)[1] for front in fronts.values())
+    return (low, high) if low <= high else None
+
+
+def accuracy_levels(fronts: dict[str, pd.DataFrame]) -> list[float]:
+    """LEVELS evenly spaced validation accuracies up to the highest every method reaches: from the lowest common one
+    when the fronts overlap, else from the lowest on any front (there every cell off a front says so)."""
+    common = common_accuracy(fronts)
+    high = min(accuracy_range(front)[1] for front in fronts.values())
+    low = common[0] if common else min(accuracy_range(front)[0] for front in fronts.values())
+    return sorted(set(np.linspace(low, high, LEVELS).tolist()))
+
+
+def at_accuracy(front: pd.DataFrame, level: float, metric: str) -> float | None:
+    """The metric's mean linearly interpolated along the front at validation accuracy `level`; None outside the
+    front's accuracy range (no extrapolation). Front points of equal accuracy count as their mean."""
+    low, high = accuracy_range(front)
+    if not low <= level <= high:
+        return None
+    points = front.groupby(f"{VALIDATION_ACCURACY} mean")[f"{metric} mean"].mean()
+    return float(np.interp(level, points.index, points.values))
+
+
+def headline(task: str, fronts: dict[str, pd.DataFrame], labels: list[str]) -> str:
+    """One sentence: which method forgets least (validation forgetting, test beside) at the highest validation
+    accuracy every method reaches, or why that cannot be said."""
+    start = f"**Matched accuracy on {task}**: "
+    if not fronts:
+        return start + ("no method can be compared at matched accuracy: no setting recorded both validation accuracy "
+                        "and validation forgetting.")
+    if len(labels) == 1:
+        return start + f"only one method ({labels[0]}) ran, so there is nothing to compare it with at matched accuracy."
+    left_out = [label for label in labels if label not in fronts]
+    if left_out:
+        return start + (f"{', '.join(left_out)} recorded no validation forgetting, so not every method can be compared "
+                        "at matched accuracy.")
+    common = common_accuracy(fronts)
+    if common is None:
+        spans = ", ".join(f"{label} {low:.4f}–{high:.4f}" for label, (low, high) in
+                          ((label, accuracy_range(front)) for label, front in fronts.items()))
+        return start + (f"no validation accuracy lies on every method's front (their ranges: {spans}), so no method "
+                        "can be said to forget least at matched accuracy.")
+    level = common[1]
+    forgetting = {label: (at_accuracy(front, level, VALIDATION_FORGETTING), at_accuracy(front, level, TEST_FORGETTING))
+                  for label, front in fronts.items()}
+    best = min(forgetting, key=lambda label: forgetting[label][0])
+    others = " and ".join(f"{label} {validation:.4f} (test {test:.4f})" for label, (validation, test) in
+                          forgetting.items() if label != best)
+    validation, test = forgetting[best]
+    return start + (f"at validation accuracy {level:.4f}, the highest every method reaches, {best} forgets least: "
+                    f"validation forgetting {validation:.4f} (test {test:.4f}), against {others}.")
