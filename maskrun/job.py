@@ -29,7 +29,7 @@ from maskrun.report.run import print_summary, write_run_report
 
 
 # What a run dir holds of its results (report.md and plots/ are redrawn from metrics.json).
-RESULT_FILES = ("metrics.json", "history.json", "mask.safetensors", "mask_task_b.safetensors", "finetuned")
+RESULT_FILES = ("metrics.json", "history.json", "mask.safetensors", "mask_task_b.safetensors", "finetuned", "adapter")
 
 
 class JobFailed(Exception):
@@ -63,7 +63,7 @@ def new_metrics(cfg: DictConfig, config_hash: str) -> dict:
         "interference": None,
         "mask": None,
         "cache": {},
-        "artifacts": {"pretrained": None, "mask": None, "finetuned": None},
+        "artifacts": {"pretrained": None, "mask": None, "finetuned": None, "adapter": None},
         "timing": {},
         "memory": {},
         "versions": versions(),

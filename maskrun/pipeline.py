@@ -48,7 +48,8 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
         pretrained_dir, hits["pretrain"] = cache.fetch(
             "pretrain", stages.pretrain(cfg, tokenizer_dir),
             lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed))
-        metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": MASK_FILE, "finetuned": None}
+        metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": MASK_FILE, "finetuned": None,
+                                "adapter": None}
 
     def fetch_scores(score: str) -> tuple[Path, str]:
         """The cached scores entry of kind `score`, computed with the mask group's calibration settings."""
@@ -83,6 +84,7 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
         history = finetune(model, tokenizer, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed,
                            method.extra_loss)
         model = method.finish(model)
+        metrics["artifacts"] |= method.artifacts()
         metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}
         (run_dir / "history.json").write_text(json.dumps(history))
 

@@ -27,4 +27,4 @@ def versions() -> dict:
     from maskrun.stages import STAGE_CODE, code_fingerprint
 
     return {"maskrun": maskrun.__version__, "torch": version("torch"), "transformers": version("transformers"),
-            "git_commit": git_commit(), "source": code_fingerprint(STAGE_CODE["result"])}
+            "peft": version("peft"), "git_commit": git_commit(), "source": code_fingerprint(STAGE_CODE["result"])}

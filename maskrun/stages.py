@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 import maskrun
 
 PACKAGE_ROOT = Path(maskrun.__file__).resolve().parent
-LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scikit-learn", "pandas")
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scikit-learn", "pandas", "peft")
 
 # The modules each stage runs (the pipeline passes them the corpus and the task, so the data
 # modules that load those count too); their maskrun imports are followed.

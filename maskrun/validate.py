@@ -142,10 +142,10 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
     try:
         check_top_level(cfg)
         check_mask(cfg.mask)
-        check_method(cfg)
         check_model(cfg.model)
         if cfg.mask.include or cfg.mask.exclude:
             check_mask_selects(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain), tuple(cfg.mask.include or ()), tuple(cfg.mask.exclude or ()))
+        check_method(cfg)  # after the model: a method may read the model's parameter names
         check_training(cfg)
         check_dataset(cfg.dataset)
         check_task_splits(OmegaConf.to_yaml(cfg.dataset))

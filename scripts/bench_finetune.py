@@ -9,7 +9,8 @@ of them alike; medians are reported.
     (b) element_r*    maskrun, random element mask at ratio r
     (c) layers        maskrun, embeddings + bottom half of the encoder layers frozen whole
     (d) naive_r0.5    gradient hooks zero frozen gradients, frozen entries restored after each step
-    (e) shira         PEFT's SHiRA (when peft is installed), beside maskrun at SHiRA's trainable count
+    (e) shira         PEFT's SHiRA, beside maskrun at SHiRA's trainable count
+    (f) lora          maskrun's method=lora at its default settings (conf/method/lora.yaml): PEFT adapters, head whole
 
 Usage: python scripts/bench_finetune.py [--repeats 30] [--threads N] [--json]   (--json: the last line is JSON)
 """
@@ -27,12 +28,14 @@ from omegaconf import OmegaConf
 from transformers import BertConfig, BertForSequenceClassification
 
 from maskrun.masks.random import build as random_mask
+from maskrun.methods.lora import adapt
 from maskrun.optim import MaskedOptimizer
 
 BATCH, SEQ, LR, MAX_GRAD_NORM = 32, 64, 1e-4, 1.0
 ADAMW = SimpleNamespace(name="adamw", weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
 SHIRA_RANK = 8
 SHIRA_TARGETS = ["query", "key", "value", "dense"]
+HEAD_MODULES = ["bert.pooler.dense", "classifier"]  # what a BERT task model on a masked-LM checkpoint adds
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -167,20 +170,21 @@ def shira_count_mask(model) -> dict[str, torch.Tensor]:
     return frozen
 
 
-def methods(with_shira: bool) -> dict:
+def methods() -> dict:
     base = tiny_bert()
-    element = {r: random_mask(SimpleNamespace(ratio=r, allocation="global", granularity="element"), backbone(base), None, seed=0) for r in (0.5, 0.9)}
-    found = {
+    lora_defaults = OmegaConf.load(files("maskrun.conf") / "method" / "lora.yaml")
+    element = {r: random_mask(SimpleNamespace(ratio=r, allocation="global", granularity="element"), backbone(base), None, seed=0).masks for r in (0.5, 0.9)}
+    return {
         "full": Full(copy.deepcopy(base)),
         "element_r0.5": Masked(copy.deepcopy(base), element[0.5]),
         "element_r0.9": Masked(copy.deepcopy(base), element[0.9]),
         "layers_bottom_half": Masked(copy.deepcopy(base), bottom_half_mask(base)),
         "naive_r0.5": Naive(copy.deepcopy(base), element[0.5]),
+        "shira": Shira(copy.deepcopy(base)),
+        "maskrun_at_shira_count": Masked(copy.deepcopy(base), shira_count_mask(base)),
+        # As the pipeline trains it: the PEFT model under maskrun's optimizer, nothing masked.
+        "lora": Masked(adapt(copy.deepcopy(base), lora_defaults, HEAD_MODULES, seed=0), {}),
     }
-    if with_shira:
-        found["shira"] = Shira(copy.deepcopy(base))
-        found["maskrun_at_shira_count"] = Masked(copy.deepcopy(base), shira_count_mask(base))
-    return found
 
 
 def fixed_batch(vocab_size: int) -> dict[str, torch.Tensor]:
@@ -188,14 +192,6 @@ def fixed_batch(vocab_size: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(5, vocab_size, (BATCH, SEQ), generator=generator),
             "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
             "labels": torch.randint(0, 2, (BATCH,), generator=generator)}
-
-
-def peft_installed() -> bool:
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def main() -> None:
@@ -208,8 +204,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    with_shira = peft_installed()
-    runs = methods(with_shira)
+    runs = methods()
     batch = fixed_batch(tiny_bert().config.vocab_size)
     times = {name: [] for name in runs}
     for round_ in range(args.warmup + args.repeats):
@@ -229,8 +224,6 @@ def main() -> None:
         print(f"{name:<24}{r['median_step_s'] * 1e3:>9.1f}{r['median_step_s'] / full['median_step_s']:>8.3f}"
               f"{r['optimizer_state_bytes'] / 2**20:>10.2f}{r['optimizer_state_bytes'] / full['optimizer_state_bytes']:>8.3f}"
               f"{r['trainable']:>11,}")
-    if not with_shira:
-        print("shira: skipped (pip install maskrun[peft] to compare)")
 
     def ratio(name: str, key: str) -> float:
         return raw[name][key] / full[key]
@@ -242,15 +235,16 @@ def main() -> None:
         "naive_r0.5_step_ratio": ratio("naive_r0.5", "median_step_s"),
         "state_bytes_ratio_r0.5": ratio("element_r0.5", "optimizer_state_bytes"),
         "state_bytes_ratio_r0.9": ratio("element_r0.9", "optimizer_state_bytes"),
+        "shira_step_ratio": ratio("shira", "median_step_s"),
+        "maskrun_at_shira_count_step_ratio": ratio("maskrun_at_shira_count", "median_step_s"),
+        "shira_state_bytes_ratio": ratio("shira", "optimizer_state_bytes"),
+        "maskrun_at_shira_count_state_bytes_ratio": ratio("maskrun_at_shira_count", "optimizer_state_bytes"),
+        "lora_step_ratio": ratio("lora", "median_step_s"),
+        "lora_state_bytes_ratio": ratio("lora", "optimizer_state_bytes"),
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "raw": raw,
     }
-    if with_shira:
-        result["shira_step_ratio"] = ratio("shira", "median_step_s")
-        result["maskrun_at_shira_count_step_ratio"] = ratio("maskrun_at_shira_count", "median_step_s")
-        result["shira_state_bytes_ratio"] = ratio("shira", "optimizer_state_bytes")
-        result["maskrun_at_shira_count_state_bytes_ratio"] = ratio("maskrun_at_shira_count", "optimizer_state_bytes")
     if args.json:
         print(json.dumps(result))
 

@@ -25,6 +25,7 @@ def test_smoke_run_writes_every_artifact(smoke_run):
     assert 0.0 < interference["cka"] <= 1.0 + 1e-9 and interference["drift_l2"] > 0
     assert metrics["cache"] == {"tokenizer": "miss", "pretrain": "miss", "scores": "miss", "mask": "miss", "result": "miss"}
     assert metrics["artifacts"]["mask"] == "mask.safetensors" and metrics["artifacts"]["finetuned"] == "finetuned"
+    assert metrics["artifacts"]["adapter"] is None and not (smoke_run / "adapter").exists()  # method=lora's
     assert metrics["timing"]["total_s"] > 0 and metrics["memory"]["optimizer_state_bytes"] > 0
     for path in ("mask.safetensors", "finetuned/model.safetensors", "finetuned/config.json", "report.md",
                  "plots/loss_curves.png", "history.json"):

@@ -45,6 +45,7 @@ def fingerprints(monkeypatch, package_root: Path) -> dict[str, str]:
     ("masks/random.py", {"mask", "result"}),
     ("data/tokenizer.py", {"tokenizer", "result"}),
     ("pretrain.py", {"pretrain", "scratch", "result"}),  # evaluation measures the pretraining objective
+    ("methods/lora.py", {"result"}),
     ("report/sweep.py", set()),  # the sweep report reads results; no stage runs it
 ])
 def test_an_edit_changes_the_fingerprint_of_exactly_the_stages_that_run_it(tmp_path, monkeypatch, module, changed):

@@ -15,11 +15,12 @@ what to record in metrics.json (`record`).
 
 from omegaconf import DictConfig, OmegaConf
 
-from maskrun.methods import full, mask
+from maskrun.methods import full, lora, mask
 
 METHODS = {
     "mask": mask,
     "full": full,
+    "lora": lora,
 }
 
 

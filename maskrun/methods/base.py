@@ -43,6 +43,10 @@ class Method:
         """Its settings for metrics.json `method` (the pipeline adds name, dial and trainable)."""
         return OmegaConf.to_container(self.cfg.method, resolve=True)
 
+    def artifacts(self) -> dict:
+        """What it wrote into the run dir, by name, for metrics.json `artifacts` (after finish)."""
+        return {}
+
 
 def trainable_entries(model: torch.nn.Module, frozen: dict[str, torch.Tensor]) -> int:
     """Entries that fine-tuning moves: of every parameter that trains, those its mask leaves trainable."""
