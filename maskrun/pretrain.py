@@ -80,7 +80,8 @@ def pretrain(mcfg, pcfg, texts: list[str], tokenizer_dir: Path, out_dir: Path, d
     model = build_pretraining_model(mcfg, tokenizer).to(device)
     blocks = pack_texts(tokenizer, texts, pcfg.max_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, min(pcfg.warmup_steps, pcfg.steps // 10), pcfg.steps)
+    # A schedule shorter than its warmup warms up over all of it.
+    schedule = get_linear_schedule_with_warmup(optimizer, min(pcfg.warmup_steps, pcfg.steps), pcfg.steps)
     generator = torch.Generator().manual_seed(seed)  # the batches' rows and their masked positions
     history = []
     model.train()
@@ -93,10 +94,11 @@ def pretrain(mcfg, pcfg, texts: list[str], tokenizer_dir: Path, out_dir: Path, d
                 raise FloatingPointError(f"pretraining loss became {loss.item()} at step {step}")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            learning_rate = schedule.get_last_lr()[0]
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            history.append({"step": step, "loss": loss.item()})
+            history.append({"step": step, "loss": loss.item(), "lr": learning_rate})
             progress.advance(loss=loss.item())
     model.save_pretrained(out_dir)
     (Path(out_dir) / "pretrain_history.json").write_text(json.dumps(history))

@@ -43,6 +43,15 @@ def test_tiny_gpt_pretrains_as_a_causal_lm_and_classifies_padded_batches(tmp_pat
     assert backbone <= pretrained_names(tmp_path) and "score.weight" not in pretrained_names(tmp_path)
 
 
+def test_pretraining_warms_up_over_the_configured_steps(tmp_path, tokenizer_dir):
+    mcfg = OmegaConf.create({**TINY, "name": "tiny_gpt", "family": "gpt2", "objective": "causal_lm"})
+    pcfg = OmegaConf.create({"steps": 8, "batch_size": 2, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 4,
+                             "max_length": 16, "mlm_probability": 0.15})
+    pretrain(mcfg, pcfg, TEXTS, tokenizer_dir, tmp_path, torch.device("cpu"), seed=0)
+    rates = [h["lr"] for h in json.loads((tmp_path / "pretrain_history.json").read_text())]
+    assert rates == pytest.approx([0, 0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+
+
 def test_a_pretrained_model_used_as_is_keeps_the_task_models_names_and_no_head(tmp_path, tokenizer_dir):
     source = tmp_path / "source"
     BertModel(BertConfig(vocab_size=200, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
