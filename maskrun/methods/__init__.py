@@ -15,11 +15,14 @@ what to record in metrics.json (`record`).
 
 from omegaconf import DictConfig, OmegaConf
 
-from maskrun.methods import full, mask
+from maskrun.methods import ewc, full, l2sp, mask, replay
 
 METHODS = {
     "mask": mask,
     "full": full,
+    "l2sp": l2sp,
+    "ewc": ewc,
+    "replay": replay,
 }
 
 
