@@ -10,6 +10,9 @@ of them alike; medians are reported.
     (c) layers        maskrun, embeddings + bottom half of the encoder layers frozen whole
     (d) naive_r0.5    gradient hooks zero frozen gradients, frozen entries restored after each step
     (e) shira         PEFT's SHiRA (when peft is installed), beside maskrun at SHiRA's trainable count
+    (f) l2sp, ewc     maskrun with nothing frozen plus the penalty towards the pretrained weights (method=l2sp,
+                      method=ewc); the copies the penalty keeps (W_pre, and F for ewc) are printed beside the
+                      optimizer state, which they are not part of
 
 Usage: python scripts/bench_finetune.py [--repeats 30] [--threads N] [--json]   (--json: the last line is JSON)
 """
@@ -27,6 +30,7 @@ from omegaconf import OmegaConf
 from transformers import BertConfig, BertForSequenceClassification
 
 from maskrun.masks.random import build as random_mask
+from maskrun.methods.l2sp import squared_distance
 from maskrun.optim import MaskedOptimizer
 
 BATCH, SEQ, LR, MAX_GRAD_NORM = 32, 64, 1e-4, 1.0
@@ -151,6 +155,35 @@ class Shira(Full):
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
+class Penalised(Masked):
+    """(f) The task loss plus strength/2 · Σ importance · (W − W_pre)² over the backbone (importance: ewc's Fisher)."""
+
+    def __init__(self, model, strength: float, importance: dict[str, torch.Tensor] | None = None):
+        super().__init__(model, {})
+        self.strength, self.importance = strength, importance
+        pretrained = backbone(model)
+        self.params = {n: p for n, p in model.named_parameters() if n in pretrained}
+        self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
+
+    def step(self, batch) -> None:
+        penalty = self.strength / 2 * squared_distance(self.params, self.anchor, self.importance)
+        (loss_of(self.model, batch) + penalty).backward()
+        self.optimizer.step(MAX_GRAD_NORM)
+
+    def penalty_bytes(self) -> int:
+        kept = list(self.anchor.values()) + list((self.importance or {}).values())
+        return sum(t.numel() * t.element_size() for t in kept)
+
+
+def penalties(base) -> dict[str, Penalised]:
+    """l2sp and ewc at their default strengths (conf/method/); the step time does not depend on the values of
+    the Fisher, so ewc's is a stand-in of the right shapes."""
+    defaults = {name: OmegaConf.load(files("maskrun.conf") / "method" / f"{name}.yaml") for name in ("l2sp", "ewc")}
+    stand_in_fisher = {n: p.square() for n, p in backbone(base).items()}
+    return {"l2sp": Penalised(copy.deepcopy(base), defaults["l2sp"].alpha),
+            "ewc": Penalised(copy.deepcopy(base), defaults["ewc"].strength, stand_in_fisher)}
+
+
 def shira_count_mask(model) -> dict[str, torch.Tensor]:
     """maskrun's mask with SHiRA's trainable entries: r(m+n) random entries of each targeted weight,
     everything else in the backbone (and the pooler, which PEFT freezes too) frozen."""
@@ -169,13 +202,14 @@ def shira_count_mask(model) -> dict[str, torch.Tensor]:
 
 def methods(with_shira: bool) -> dict:
     base = tiny_bert()
-    element = {r: random_mask(SimpleNamespace(ratio=r, allocation="global", granularity="element"), backbone(base), None, seed=0) for r in (0.5, 0.9)}
+    element = {r: random_mask(SimpleNamespace(ratio=r, allocation="global", granularity="element"), backbone(base), None, seed=0).masks for r in (0.5, 0.9)}
     found = {
         "full": Full(copy.deepcopy(base)),
         "element_r0.5": Masked(copy.deepcopy(base), element[0.5]),
         "element_r0.9": Masked(copy.deepcopy(base), element[0.9]),
         "layers_bottom_half": Masked(copy.deepcopy(base), bottom_half_mask(base)),
         "naive_r0.5": Naive(copy.deepcopy(base), element[0.5]),
+        **penalties(base),
     }
     if with_shira:
         found["shira"] = Shira(copy.deepcopy(base))
@@ -231,6 +265,9 @@ def main() -> None:
               f"{r['trainable']:>11,}")
     if not with_shira:
         print("shira: skipped (pip install maskrun[peft] to compare)")
+    for name in ("l2sp", "ewc"):
+        kept = runs[name].penalty_bytes()
+        print(f"{name} keeps {kept / 2**20:.2f} MB for its penalty ({kept / full['optimizer_state_bytes']:.3f} x full's state)")
 
     def ratio(name: str, key: str) -> float:
         return raw[name][key] / full[key]
@@ -251,6 +288,10 @@ def main() -> None:
         result["maskrun_at_shira_count_step_ratio"] = ratio("maskrun_at_shira_count", "median_step_s")
         result["shira_state_bytes_ratio"] = ratio("shira", "optimizer_state_bytes")
         result["maskrun_at_shira_count_state_bytes_ratio"] = ratio("maskrun_at_shira_count", "optimizer_state_bytes")
+    for name in ("l2sp", "ewc"):
+        result[f"{name}_step_ratio"] = ratio(name, "median_step_s")
+        result[f"{name}_state_bytes_ratio"] = ratio(name, "optimizer_state_bytes")
+        result[f"{name}_penalty_bytes_ratio"] = runs[name].penalty_bytes() / full["optimizer_state_bytes"]
     if args.json:
         print(json.dumps(result))
 
