@@ -11,6 +11,9 @@ of them alike; medians are reported.
     (d) naive_r0.5    gradient hooks zero frozen gradients, frozen entries restored after each step
     (e) shira         PEFT's SHiRA, beside maskrun at SHiRA's trainable count
     (f) lora          maskrun's method=lora at its default settings (conf/method/lora.yaml): PEFT adapters, head whole
+    (g) l2sp, ewc     maskrun with nothing frozen plus the penalty towards the pretrained weights (method=l2sp,
+                      method=ewc); the copies the penalty keeps (W_pre, and F for ewc) are printed beside the
+                      optimizer state, which they are not part of
 
 Usage: python scripts/bench_finetune.py [--repeats 30] [--threads N] [--json]   (--json: the last line is JSON)
 """
@@ -28,6 +31,7 @@ from omegaconf import OmegaConf
 from transformers import BertConfig, BertForSequenceClassification
 
 from maskrun.masks.random import build as random_mask
+from maskrun.methods.l2sp import squared_distance
 from maskrun.methods.lora import adapt
 from maskrun.optim import MaskedOptimizer
 
@@ -154,6 +158,35 @@ class Shira(Full):
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
+class Penalised(Masked):
+    """(f) The task loss plus strength/2 · Σ importance · (W − W_pre)² over the backbone (importance: ewc's Fisher)."""
+
+    def __init__(self, model, strength: float, importance: dict[str, torch.Tensor] | None = None):
+        super().__init__(model, {})
+        self.strength, self.importance = strength, importance
+        pretrained = backbone(model)
+        self.params = {n: p for n, p in model.named_parameters() if n in pretrained}
+        self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
+
+    def step(self, batch) -> None:
+        penalty = self.strength / 2 * squared_distance(self.params, self.anchor, self.importance)
+        (loss_of(self.model, batch) + penalty).backward()
+        self.optimizer.step(MAX_GRAD_NORM)
+
+    def penalty_bytes(self) -> int:
+        kept = list(self.anchor.values()) + list((self.importance or {}).values())
+        return sum(t.numel() * t.element_size() for t in kept)
+
+
+def penalties(base) -> dict[str, Penalised]:
+    """l2sp and ewc at their default strengths (conf/method/); the step time does not depend on the values of
+    the Fisher, so ewc's is a stand-in of the right shapes."""
+    defaults = {name: OmegaConf.load(files("maskrun.conf") / "method" / f"{name}.yaml") for name in ("l2sp", "ewc")}
+    stand_in_fisher = {n: p.square() for n, p in backbone(base).items()}
+    return {"l2sp": Penalised(copy.deepcopy(base), defaults["l2sp"].alpha),
+            "ewc": Penalised(copy.deepcopy(base), defaults["ewc"].strength, stand_in_fisher)}
+
+
 def shira_count_mask(model) -> dict[str, torch.Tensor]:
     """maskrun's mask with SHiRA's trainable entries: r(m+n) random entries of each targeted weight,
     everything else in the backbone (and the pooler, which PEFT freezes too) frozen."""
@@ -184,6 +217,7 @@ def methods() -> dict:
         "maskrun_at_shira_count": Masked(copy.deepcopy(base), shira_count_mask(base)),
         # As the pipeline trains it: the PEFT model under maskrun's optimizer, nothing masked.
         "lora": Masked(adapt(copy.deepcopy(base), lora_defaults, HEAD_MODULES, seed=0), {}),
+        **penalties(base),
     }
 
 
@@ -224,6 +258,9 @@ def main() -> None:
         print(f"{name:<24}{r['median_step_s'] * 1e3:>9.1f}{r['median_step_s'] / full['median_step_s']:>8.3f}"
               f"{r['optimizer_state_bytes'] / 2**20:>10.2f}{r['optimizer_state_bytes'] / full['optimizer_state_bytes']:>8.3f}"
               f"{r['trainable']:>11,}")
+    for name in ("l2sp", "ewc"):
+        kept = runs[name].penalty_bytes()
+        print(f"{name} keeps {kept / 2**20:.2f} MB for its penalty ({kept / full['optimizer_state_bytes']:.3f} x full's state)")
 
     def ratio(name: str, key: str) -> float:
         return raw[name][key] / full[key]
@@ -245,6 +282,10 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "raw": raw,
     }
+    for name in ("l2sp", "ewc"):
+        result[f"{name}_step_ratio"] = ratio(name, "median_step_s")
+        result[f"{name}_state_bytes_ratio"] = ratio(name, "optimizer_state_bytes")
+        result[f"{name}_penalty_bytes_ratio"] = runs[name].penalty_bytes() / full["optimizer_state_bytes"]
     if args.json:
         print(json.dumps(result))
 

@@ -15,12 +15,15 @@ what to record in metrics.json (`record`).
 
 from omegaconf import DictConfig, OmegaConf
 
-from maskrun.methods import full, lora, mask
+from maskrun.methods import ewc, full, l2sp, lora, mask, replay
 
 METHODS = {
     "mask": mask,
     "full": full,
     "lora": lora,
+    "l2sp": l2sp,
+    "ewc": ewc,
+    "replay": replay,
 }
 
 
