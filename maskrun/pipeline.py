@@ -72,15 +72,18 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
         frozen, tied_share = load_file(run_dir / MASK_FILE), read_tied_share(mask_dir)
         metrics["mask"] = mask_summary(cfg.mask, frozen, tied_share) | head_summary(model, pretrained_names(pretrained_dir))
 
-    with stage_timer(timing, "finetune"):
-        def method_scores(score: str) -> dict[str, torch.Tensor]:
-            entry, hits["method_scores"] = fetch_scores(score)
-            return read_scores(entry)
+    def method_scores(score: str) -> dict[str, torch.Tensor]:
+        entry, hits["method_scores"] = fetch_scores(score)
+        return read_scores(entry)
 
+    with stage_timer(timing, "method"):  # what the method builds before training (ewc's Fisher, lora's adapters)
         method = build_method(cfg, Context(cfg, pretrained_dir, run_dir, tokenizer, corpus, device, method_scores))
+        model_entries = sum(p.numel() for p in model.parameters())
         model = method.prepare(model)
         metrics["method"] = {"name": cfg.method.name, **method.record(), "dial": dial(cfg),
-                             "trainable": trainable_entries(model, frozen)}
+                             "trainable": trainable_entries(model, frozen), "model_entries": model_entries}
+
+    with stage_timer(timing, "finetune"):
         history = finetune(model, tokenizer, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed,
                            method.extra_loss)
         model = method.finish(model)

@@ -25,8 +25,10 @@ def method_metrics(method: str, dial_key: str, dial_value: float, seed: int, poi
     metrics = ok_metrics(strategy, ratio, seed, result)
     dial_override = [] if method == "mask" else [f"{dial_key}={dial_value}"]
     metrics["overrides"] = [f"method={method}", *metrics["overrides"][:2], *dial_override, *metrics["overrides"][2:]]
-    metrics["method"] = {"name": method, "dial": {"key": dial_key, "value": dial_value}, "trainable": trainable}
+    metrics["method"] = {"name": method, "dial": {"key": dial_key, "value": dial_value}, "trainable": trainable,
+                         "model_entries": ELIGIBLE + HEAD}
     metrics["mask"] |= {"eligible": ELIGIBLE, "head_entries": HEAD}
+    metrics["choices"]["method"] = method
     return metrics
 
 
@@ -55,6 +57,8 @@ def test_summary_names_each_jobs_method_and_dial_and_keeps_methods_apart(tmp_pat
     write_sweep(tmp_path, [*methods_jobs(), old, plain_none])
     (tmp_path / "12" / ".hydra").mkdir(parents=True)  # started, never finished
     (tmp_path / "12" / ".hydra" / "overrides.yaml").write_text("- method=full\n- finetune.lr=0.1\n- experiment=smoke\n")
+    (tmp_path / "12" / ".hydra" / "hydra.yaml").write_text(  # as Hydra writes it when the job starts
+        "hydra:\n  runtime:\n    choices:\n      method: full\n      mask: none\n      hydra/launcher: basic\n")
 
     summary = summary_table(tmp_path)
     rows = summary.set_index("job")
@@ -116,9 +120,52 @@ def test_accuracy_off_a_front_is_not_reached_and_the_headline_says_why(tmp_path)
     lines = (tmp_path / "report.md").read_text().splitlines()
     assert lines[2] == ("**Matched accuracy on rotten_tomatoes**: no validation accuracy lies on every method's front "
                         "(their ranges: full 0.8000–0.8000, mask/importance 0.6000–0.7600), so no method can be said "
-                        "to forget least at matched accuracy.")
+                        "to forget least at an accuracy every method reaches.")
     assert "| 0.6000 | not reached | 0.0500 (0.0500) |" in lines
     assert "| 0.7600 | not reached | 0.2900 (0.1700) |" in lines
+
+
+def test_a_method_that_stays_below_the_others_is_named_and_the_rest_are_compared(tmp_path):
+    """LoRA's front stops at 0.58, below both others: nothing is said at an accuracy every method reaches, but the
+    highest accuracy full and the mask share is still compared, naming LoRA as below it."""
+    lora = [method_metrics("lora", "method.rank", rank, seed, Result(0.58, 0.58, 0.01 * rank, 0.01 * rank, 0.0))
+            for rank in (2, 8) for seed in (0, 1)]
+    write_sweep(tmp_path, [*methods_jobs(), *lora])
+    write_sweep_report(tmp_path)
+    headline = (tmp_path / "report.md").read_text().splitlines()[2]
+    assert "lora 0.5800–0.5800" in headline and "so no method can be said to forget least" in headline
+    assert headline.endswith("at validation accuracy 0.7600, the highest all but lora reach, mask/importance forgets "
+                             f"least: validation forgetting 0.1700 (test 0.2900), against full "
+                             f"{between(0.10, 0.30, 0.6):.4f} (test {between(0.12, 0.20, 0.6):.4f}).")
+
+
+def test_a_method_none_of_whose_jobs_finished_is_named_as_left_out(tmp_path):
+    failed = {"status": "failed", "error": "RuntimeError: boom", "seed": 0, "overrides": ["method=lora"],
+              "choices": {"method": "lora", "mask": "none"}, "task": None, "interference": None, "mask": None}
+    write_sweep(tmp_path, [*methods_jobs(), failed])
+    write_sweep_report(tmp_path)
+    headline = (tmp_path / "report.md").read_text().splitlines()[2]
+    assert headline.startswith("**Matched accuracy on rotten_tomatoes**: (lora: no job finished, left out) at "
+                               "validation accuracy 0.7600, the highest every method reaches")
+
+
+def test_a_presets_setting_files_are_not_settings_of_their_own(tmp_path):
+    """experiment=methods names each job's setting file (+experiment/methods=...); what it sets is the dial."""
+    jobs = methods_jobs()
+    for job in jobs:
+        job["overrides"] = [f"+experiment/methods={job['method']['name']}_{job['method']['dial']['value']}",
+                            f"seed={job['seed']}", "experiment=methods"]
+    write_sweep(tmp_path, jobs)
+    summary = summary_table(tmp_path)
+    assert (summary["setting"] == "").all()
+    assert set(aggregate(summary).groupby("label").size().to_dict().items()) == {("full", 3), ("mask/importance", 2)}
+
+
+def test_trainable_share_is_of_the_whole_task_model_whatever_is_eligible(tmp_path):
+    narrow = method_metrics("ewc", "method.strength", 1e5, 0, FULL[1e-3], trainable=ELIGIBLE + HEAD)
+    narrow["mask"]["eligible"] = 100  # mask.exclude left most of the backbone out of the mask, not out of training
+    write_sweep(tmp_path, [narrow])
+    assert summary_table(tmp_path).loc[0, "trainable_share"] == 1.0
 
 
 def test_one_method_alone_has_nothing_to_be_compared_with(tmp_path):
@@ -175,7 +222,7 @@ def test_spearman_correlation_of_each_interference_measure_with_forgetting(tmp_p
     write_sweep_report(tmp_path)
     report = (tmp_path / "report.md").read_text()
     forgetting = [m["interference"]["forgetting"] for m in jobs]
-    share = [m["method"]["trainable"] / (ELIGIBLE + HEAD) for m in jobs]
+    share = [m["method"]["trainable"] / m["method"]["model_entries"] for m in jobs]
     for name, values in (("CKA", [m["interference"]["cka"] for m in jobs]),
                          ("drift L2", [m["interference"]["drift_l2"] for m in jobs]), ("trainable share", share)):
         assert f"| rotten_tomatoes | {name} | {spearmanr(values, forgetting).statistic:+.3f} | {len(jobs)} |" in report

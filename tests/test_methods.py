@@ -226,9 +226,11 @@ def test_the_command_refuses_a_bad_share_in_one_line_and_writes_nothing(tmp_path
     assert capsys.readouterr().err.strip() == "maskrun: error: method.share=2 is not a number in (0, 1] (e.g. method.share=0.1)"
 
 
-def test_a_penalty_under_a_mask_keeps_every_frozen_entry_bit_identical(tmp_path):
-    maskrun(["experiment=smoke", "method=l2sp", "method.alpha=1.0", "mask=importance", "mask.ratio=0.5",
-             "optimizer.weight_decay=0.1"], tmp_path)
+@pytest.mark.parametrize("method", ["method=l2sp method.alpha=1.0", "method=ewc method.strength=1e5",
+                                    "method=replay method.share=0.5"])
+def test_a_penalty_or_replay_under_a_mask_keeps_every_frozen_entry_bit_identical(tmp_path, method):
+    maskrun(["experiment=smoke", *method.split(), "mask=importance", "mask.ratio=0.5", "optimizer.weight_decay=0.1"],
+            tmp_path)
     (run_dir,) = run_dirs(tmp_path / "outputs")
     masks, pretrained, finetuned = assert_frozen_entries_exact(run_dir)
     assert any(not torch.equal(finetuned[name][~m], pretrained[name][~m]) for name, m in masks.items())

@@ -2,7 +2,8 @@
 
 F is the scores stage's `fisher` of the pretrained weights on the task's training data (cached),
 computed with the mask group's calibration settings (mask.fisher, mask.calib_batches,
-mask.calib_batch_size). It is a mean squared gradient, so its entries are small and strength is
+mask.calib_batch_size). Kirkpatrick et al. take F on the old task; this one is the new task's, so it
+protects the entries the task is most sensitive to rather than those pretraining relies on. It is a mean squared gradient, so its entries are small and strength is
 large (conf/method/ewc.yaml gives the scale). Like L2-SP (maskrun.methods.l2sp) it covers every
 pretrained entry that trains. Its curve is traced along strength (0: full fine-tuning).
 """

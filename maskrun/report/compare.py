@@ -100,10 +100,33 @@ def at_accuracy(front: pd.DataFrame, level: float, metric: str) -> float | None:
     return float(np.interp(level, points.index, points.values))
 
 
-def headline(task: str, fronts: dict[str, pd.DataFrame], labels: list[str]) -> str:
+def least_forgetting(fronts: dict[str, pd.DataFrame], level: float) -> str:
+    """Which front forgets least at validation accuracy `level` (validation forgetting; test beside), against the rest."""
+    forgetting = {label: (at_accuracy(front, level, VALIDATION_FORGETTING), at_accuracy(front, level, TEST_FORGETTING))
+                  for label, front in fronts.items()}
+    best = min(forgetting, key=lambda label: forgetting[label][0])
+    others = " and ".join(f"{label} {validation:.4f} (test {test:.4f})" for label, (validation, test) in
+                          forgetting.items() if label != best)
+    validation, test = forgetting[best]
+    return f"{best} forgets least: validation forgetting {validation:.4f} (test {test:.4f}), against {others}"
+
+
+def reaching_most(fronts: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The fronts left when those that stop lowest in accuracy are set aside, one at a time, until the rest share an
+    accuracy; empty when fewer than two would be left."""
+    kept = dict(fronts)
+    while len(kept) > 2 and common_accuracy(kept) is None:
+        del kept[min(kept, key=lambda label: accuracy_range(kept[label])[1])]
+    return kept if common_accuracy(kept) is not None else {}
+
+
+def headline(task: str, fronts: dict[str, pd.DataFrame], labels: list[str], unfinished: list[str] = ()) -> str:
     """One sentence: which method forgets least (validation forgetting, test beside) at the highest validation
-    accuracy every method reaches, or why that cannot be said."""
+    accuracy every method reaches, or why that cannot be said (and then, when most methods do share an accuracy,
+    which of those forgets least there). Methods none of whose jobs finished are named as left out."""
     start = f"**Matched accuracy on {task}**: "
+    if unfinished:
+        start += f"({', '.join(unfinished)}: no job finished, left out) "
     if not fronts:
         return start + ("no method can be compared at matched accuracy: no setting recorded both validation accuracy "
                         "and validation forgetting.")
@@ -114,17 +137,17 @@ def headline(task: str, fronts: dict[str, pd.DataFrame], labels: list[str]) -> s
         return start + (f"{', '.join(left_out)} recorded no validation forgetting, so not every method can be compared "
                         "at matched accuracy.")
     common = common_accuracy(fronts)
-    if common is None:
-        spans = ", ".join(f"{label} {low:.4f}–{high:.4f}" for label, (low, high) in
-                          ((label, accuracy_range(front)) for label, front in fronts.items()))
-        return start + (f"no validation accuracy lies on every method's front (their ranges: {spans}), so no method "
-                        "can be said to forget least at matched accuracy.")
-    level = common[1]
-    forgetting = {label: (at_accuracy(front, level, VALIDATION_FORGETTING), at_accuracy(front, level, TEST_FORGETTING))
-                  for label, front in fronts.items()}
-    best = min(forgetting, key=lambda label: forgetting[label][0])
-    others = " and ".join(f"{label} {validation:.4f} (test {test:.4f})" for label, (validation, test) in
-                          forgetting.items() if label != best)
-    validation, test = forgetting[best]
-    return start + (f"at validation accuracy {level:.4f}, the highest every method reaches, {best} forgets least: "
-                    f"validation forgetting {validation:.4f} (test {test:.4f}), against {others}.")
+    if common is not None:
+        return start + (f"at validation accuracy {common[1]:.4f}, the highest every method reaches, "
+                        f"{least_forgetting(fronts, common[1])}.")
+    spans = ", ".join(f"{label} {low:.4f}–{high:.4f}" for label, (low, high) in
+                      ((label, accuracy_range(front)) for label, front in fronts.items()))
+    sentence = (f"no validation accuracy lies on every method's front (their ranges: {spans}), so no method can be "
+                "said to forget least at an accuracy every method reaches")
+    most = reaching_most(fronts)
+    if not most:
+        return start + sentence + "."
+    level = common_accuracy(most)[1]
+    below = ", ".join(label for label in fronts if label not in most)
+    return start + (f"{sentence}; at validation accuracy {level:.4f}, the highest all but {below} reach, "
+                    f"{least_forgetting(most, level)}.")

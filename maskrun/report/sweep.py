@@ -56,9 +56,11 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 def load_job(job_dir: Path) -> dict:
     if (job_dir / "metrics.json").exists():
         return json.loads((job_dir / "metrics.json").read_text())
-    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    overrides_file, hydra_file = job_dir / ".hydra" / "overrides.yaml", job_dir / ".hydra" / "hydra.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-    return {"status": "incomplete", "error": "no metrics.json: the job did not finish", "overrides": overrides}
+    choices = yaml.safe_load(hydra_file.read_text())["hydra"]["runtime"]["choices"] if hydra_file.exists() else {}
+    return {"status": "incomplete", "error": "no metrics.json: the job did not finish", "overrides": overrides,
+            "choices": {group: choice for group, choice in choices.items() if not group.startswith("hydra")}}
 
 
 def summary_table(sweep_dir: Path) -> pd.DataFrame:
@@ -69,7 +71,7 @@ def summary_table(sweep_dir: Path) -> pd.DataFrame:
     frame = pd.json_normalize(jobs) if jobs else pd.DataFrame(columns=["status", "error", "overrides"])
     frame.insert(0, "job", [str(d.relative_to(sweep_dir)) for d in dirs])
     overrides = [job.get("overrides") or [] for job in jobs]
-    add_method_columns(frame, overrides)
+    add_method_columns(frame)
     frame["setting"] = varying_overrides(overrides, list(frame["method.dial.key"]))
     for name in frame.columns:  # lists (overrides, labels, ...) as one JSON cell each
         if frame[name].map(lambda v: isinstance(v, list)).any():
@@ -93,27 +95,30 @@ def dial_cell(key, value) -> str:
     return f"{key}={value:g}" if isinstance(value, numbers.Real) else f"{key}={value}"
 
 
-def add_method_columns(frame: pd.DataFrame, overrides: list[list[str]]) -> None:
-    """`method` (metrics.json method.name; a job without a method section ran its `method=` override, else the
-    default, mask), its dial (`method.dial.key`, `method.dial.value`; a mask job's is its requested ratio), the dial
-    as one `key=value` cell (`dial`), and `trainable_share` = method.trainable / (mask.eligible + mask.head_entries)."""
-    frame["method"] = [name if isinstance(name, str) else parse_overrides(job).get("method", "mask")
-                       for name, job in zip(column(frame, "method.name"), overrides)]
+def add_method_columns(frame: pd.DataFrame) -> None:
+    """`method` (metrics.json method.name; a job that failed or did not finish before recording it, its method
+    choice; a job from before methods existed ran mask), its dial (`method.dial.key`, `method.dial.value`; a mask
+    job's is its requested ratio), the dial as one `key=value` cell (`dial`), and `trainable_share` =
+    method.trainable / method.model_entries (every entry of the task model)."""
+    frame["method"] = [name if isinstance(name, str) else choice if isinstance(choice, str) else "mask"
+                       for name, choice in zip(column(frame, "method.name"), column(frame, "choices.method"))]
     key, value = column(frame, "method.dial.key"), column(frame, "method.dial.value")
     undialled = frame["method"].eq("mask") & key.isna()
     key[undialled], value[undialled] = "mask.ratio", column(frame, "mask.ratio")[undialled]
     frame["method.dial.key"], frame["method.dial.value"] = key, value
     frame["dial"] = [dial_cell(k, v) for k, v in zip(key, value)]
-    trainable, eligible, head = (pd.to_numeric(column(frame, name), errors="coerce")
-                                 for name in ("method.trainable", "mask.eligible", "mask.head_entries"))
-    frame["trainable_share"] = trainable / (eligible + head)
+    trainable, total = (pd.to_numeric(column(frame, name), errors="coerce")
+                        for name in ("method.trainable", "method.model_entries"))
+    frame["trainable_share"] = trainable / total
 
 
 def varying_overrides(overrides: list[list[str]], dial_keys: list) -> list[str]:
     """Per job, the overrides that differ between jobs other than the method, its dial, mask, ratio and seed
     (e.g. `finetune.lr=...` of a mask job; for a method=full job the learning rate is its dial)."""
     parsed = [parse_overrides(job) for job in overrides]
-    keys = sorted({k for job in parsed for k in job} - {"method", "mask", "mask.ratio", "seed"})
+    # A preset and its per-job setting files (+experiment/methods=...) name settings; the columns show what they set.
+    keys = sorted(k for k in {k for job in parsed for k in job} - {"method", "mask", "mask.ratio", "seed"}
+                  if k.lstrip("+~").split("/")[0] != "experiment")
     varying = [k for k in keys if len({job.get(k) for job in parsed}) > 1]
     return [" ".join(f"{k}={job[k]}" for k in varying if k in job and k != dial_key)
             for job, dial_key in zip(parsed, dial_keys)]
@@ -250,13 +255,22 @@ def correlation_section(summary: pd.DataFrame) -> list[str]:
     return lines + [""]
 
 
+def job_labels(summary: pd.DataFrame) -> list[str]:
+    """Every job's method label, finished or not (a job that stopped early has its choices only)."""
+    strategy = column(summary, "mask.strategy").combine_first(column(summary, "choices.mask")).fillna("none")
+    return [compare.method_label(method, strat) for method, strat in zip(summary["method"], strategy)]
+
+
 def write_sweep_report(sweep_dir: Path) -> pd.DataFrame:
     """Writes summary.csv, report.md and plots/ into the sweep dir; returns the summary."""
     summary = summary_table(sweep_dir)
     summary.to_csv(sweep_dir / "summary.csv", index=False)
     tasks = dict(list(aggregate(summary).groupby("task.name")))
     fronts = {task: compare.method_fronts(table) for task, table in tasks.items()}
-    headlines = [compare.headline(task, fronts[task], sorted(table["label"].unique())) for task, table in tasks.items()]
+    finished = {label for table in tasks.values() for label in table["label"]}
+    unfinished = sorted(set(job_labels(summary)) - finished)
+    headlines = [compare.headline(task, fronts[task], sorted(table["label"].unique()), unfinished)
+                 for task, table in tasks.items()]
     counts = summary["status"].value_counts().to_dict()
     lines = [f"# maskrun sweep · {sweep_dir}", "",
              *(headlines or ["No job finished, so no method can be compared."]), "",
