@@ -91,8 +91,7 @@ def test_each_front_and_the_matched_table_follow_validation_with_test_beside(tmp
     write_sweep_report(tmp_path)
     report = (tmp_path / "report.md").read_text()
     lines = report.splitlines()
-    # The common accuracies run from 0.70 (full's lowest) to 0.76 (the mask's highest): full's front interpolated
-    # at share (level − 0.70) / 0.10 of its segment, the mask's at (level − 0.60) / 0.16.
+    # The common accuracies run from 0.70 (full's lowest) to 0.76 (the mask's highest), where the headline compares.
     full_share, mask_share = 0.6, 1.0
     full_at_top = (between(0.12, 0.20, full_share), between(0.10, 0.30, full_share))  # (test, validation)
     mask_at_top = (between(0.05, 0.29, mask_share), between(0.05, 0.17, mask_share))
@@ -103,11 +102,18 @@ def test_each_front_and_the_matched_table_follow_validation_with_test_beside(tmp
                         f"(test {mask_at_top[0]:.4f}), against full {full_at_top[1]:.4f} (test {full_at_top[0]:.4f}).")
     assert "## Matched accuracy" in report
     assert "| validation accuracy | full | mask/importance |" in report
-    for level in (0.70, 0.72, 0.74, 0.76):
-        full_test, full_validation = (between(0.12, 0.20, (level - 0.70) / 0.10), between(0.10, 0.30, (level - 0.70) / 0.10))
-        mask_test, mask_validation = (between(0.05, 0.29, (level - 0.60) / 0.16), between(0.05, 0.17, (level - 0.60) / 0.16))
-        assert (f"| {level:.4f} | {full_test:.4f} ({full_validation:.4f}) | {mask_test:.4f} ({mask_validation:.4f}) |"
-                in lines), level
+    # Six levels over every front's range, 0.60 (the mask's lowest) to 0.80 (full's highest); each cell interpolated
+    # along its front, or "not reached" outside it.
+    def cell(level, low, high, test, validation):
+        if not low <= level <= high + 1e-12:
+            return "not reached"
+        share = (level - low) / (high - low)
+        return f"{between(*test, share):.4f} ({between(*validation, share):.4f})"
+
+    for level in (0.60, 0.64, 0.68, 0.72, 0.76, 0.80):
+        full = cell(level, 0.70, 0.80, (0.12, 0.20), (0.10, 0.30))
+        mask = cell(level, 0.60, 0.76, (0.05, 0.29), (0.05, 0.17))
+        assert f"| {level:.4f} | {full} | {mask} |" in lines, level
     assert ("| full | finetune.lr=0.01 | – | 2 | 0.7500 ± 0.0141 | 0.3500 ± 0.0141 | 0.7500 ± 0.0141 | "
             "0.1500 ± 0.0141 | – |") in lines
     assert (tmp_path / "plots" / "rotten_tomatoes_method_fronts.png").stat().st_size > 0

@@ -20,7 +20,7 @@ MEASURES = {
     "trainable_share": "trainable share",
 }
 MIN_JOBS_FOR_CORRELATION = 3  # two jobs always rank-correlate at ±1
-LEVELS = 4
+LEVELS = 6
 NOT_REACHED = "not reached"
 
 
@@ -82,12 +82,18 @@ def common_accuracy(fronts: dict[str, pd.DataFrame]) -> tuple[float, float] | No
 
 
 def accuracy_levels(fronts: dict[str, pd.DataFrame]) -> list[float]:
-    """LEVELS evenly spaced validation accuracies up to the highest every method reaches: from the lowest common one
-    when the fronts overlap, else from the lowest on any front (there every cell off a front says so)."""
-    common = common_accuracy(fronts)
-    high = min(accuracy_range(front)[1] for front in fronts.values())
-    low = common[0] if common else min(accuracy_range(front)[0] for front in fronts.values())
-    return sorted(set(np.linspace(low, high, LEVELS).tolist()))
+    """LEVELS evenly spaced validation accuracies from the lowest to the highest on any front, and the accuracy the
+    headline compares at; a method whose front does not span a level shows "not reached" there."""
+    low = min(accuracy_range(front)[0] for front in fronts.values())
+    high = max(accuracy_range(front)[1] for front in fronts.values())
+    compared = headline_level(fronts)
+    return sorted(set(np.linspace(low, high, LEVELS).tolist()) | ({compared} if compared is not None else set()))
+
+
+def headline_level(fronts: dict[str, pd.DataFrame]) -> float | None:
+    """The highest accuracy every front spans; else the highest all but the lowest-reaching fronts span."""
+    shared = fronts if common_accuracy(fronts) is not None else reaching_most(fronts)
+    return common_accuracy(shared)[1] if shared else None
 
 
 def at_accuracy(front: pd.DataFrame, level: float, metric: str) -> float | None:

@@ -202,8 +202,9 @@ MATCHED = ("Each method's points are its settings, one per value of its dial (`f
            "for a mask, whose curves are drawn per strategy), mean ± std over seeds. A method's front is its points "
            "that no other point of the same method beats on both validation accuracy (higher) and validation "
            "forgetting (lower).")
-LEVELS = ("Test forgetting at common validation accuracy levels, interpolated linearly along each front in order of "
-          "validation accuracy (in brackets: validation forgetting, on which the headline chooses). No extrapolation: "
+LEVELS = ("Test forgetting at common validation accuracy levels (evenly spaced over every front's range, and the "
+          "level the headline compares at), interpolated linearly along each front in order of validation accuracy "
+          "(in brackets: validation forgetting, on which the headline chooses). No extrapolation: "
           f"\"{compare.NOT_REACHED}\" means the level lies outside that method's front.")
 
 
@@ -246,7 +247,7 @@ def correlation_section(summary: pd.DataFrame) -> list[str]:
              f"Spearman rank correlation, across the ok jobs of a task, of each interference measure with test "
              f"forgetting (`{TEST_FORGETTING}`); `jobs` counts the jobs that recorded both. CKA is 1 for an unchanged "
              "model, so it tracks forgetting when ρ is near −1, the others when near +1. The trainable share is "
-             "`method.trainable / (mask.eligible + mask.head_entries)`. \"–\": fewer than "
+             "`method.trainable / method.model_entries` (every entry of the task model). \"–\": fewer than "
              f"{compare.MIN_JOBS_FOR_CORRELATION} such jobs, or a measure that does not vary.", "",
              "| task | measure | Spearman ρ | jobs |", "|---|---|---|---|"]
     for task, jobs in ok.groupby("task.name"):
