@@ -1,12 +1,11 @@
-"""Task metrics of the fine-tuned model, and interference: what fine-tuning did to pretraining."""
+"""Interference: what fine-tuning did to pretraining (the task's own metrics: maskrun.tasks)."""
 
-import copy
 import re
 from pathlib import Path
 
 import torch
 
-from maskrun.data import Corpus, TaskData
+from maskrun.data import Corpus
 from maskrun.data.dedup import overlap
 from maskrun.models import load_backbone, load_pretraining_model
 from maskrun.pretrain import objective_batch, objective_loss, pack_texts
@@ -14,28 +13,6 @@ from maskrun.pretrain import objective_batch, objective_loss, pack_texts
 # One checkpoint and one held-out text give the same masked positions, hence the same loss, in every run.
 EVAL_SEED = 1234
 EVAL_MLM_PROBABILITY = 0.15
-
-
-def macro_f1(pred: list[int], gold: list[int], num_labels: int) -> float:
-    f1s = []
-    for c in range(num_labels):
-        tp = sum(p == c and g == c for p, g in zip(pred, gold))
-        fp = sum(p == c and g != c for p, g in zip(pred, gold))
-        fn = sum(p != c and g == c for p, g in zip(pred, gold))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return sum(f1s) / num_labels
-
-
-@torch.no_grad()
-def classify(model, tokenizer, split, max_length: int, device: torch.device, batch_size: int = 256) -> dict:
-    model.eval()
-    pred = []
-    for i in range(0, len(split), batch_size):
-        batch = tokenizer(split.texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        pred += logits.argmax(-1).tolist()
-    accuracy = sum(p == g for p, g in zip(pred, split.labels)) / len(split)
-    return {"accuracy": accuracy, "macro_f1": macro_f1(pred, split.labels, model.config.num_labels)}
 
 
 def heldout_blocks(tokenizer, texts: list[str], max_length: int, objective: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +130,7 @@ def kl_task(pretrained, finetuned, inputs: torch.Tensor, labels: torch.Tensor, o
     return total / count
 
 
-def interference(pretrained_dir: Path, finetuned_model, tokenizer, corpus: Corpus, task: TaskData, heldout_texts: int,
+def interference(pretrained_dir: Path, finetuned_model, task, corpus: Corpus, heldout_texts: int,
                  objective: str | None, max_length: int, device: torch.device, batch_size: int) -> dict:
     """Forgetting (held-out pretraining loss after − before), CKA of hidden states, weight drift, and the KL
     divergence of the pretraining head's predictions on the task's held-out inputs (kl_task).
@@ -161,16 +138,14 @@ def interference(pretrained_dir: Path, finetuned_model, tokenizer, corpus: Corpu
     The top-level measures use the corpus's test slice and the task's test texts; `validation` holds forgetting
     and kl_task on their validation counterparts, for choosing settings. Each is capped at `heldout_texts` texts.
     `objective` is None for a checkpoint without a pretraining head: then the losses, forgetting and kl_task are
-    null.
+    null. `task` (a maskrun.tasks TaskType) says how the pretraining objective reads the fine-tuned model.
     """
+    tokenizer, data = task.tokenizer, task.data
     texts = {"test": corpus.test[:heldout_texts], "validation": corpus.validation[:heldout_texts]}
-    task_texts = {"test": task.test.texts[:heldout_texts], "validation": task.validation.texts[:heldout_texts]}
+    task_texts = {"test": data.test.texts[:heldout_texts], "validation": data.validation.texts[:heldout_texts]}
     batches = {name: heldout_blocks(tokenizer, slice_texts, max_length, objective) for name, slice_texts in texts.items()}
     pretrained = (load_pretraining_model(pretrained_dir, objective) if objective else load_backbone(pretrained_dir)).to(device)
-    # The fine-tuned backbone under the pretrained head.
-    finetuned = copy.deepcopy(pretrained)
-    result = finetuned.base_model.load_state_dict(finetuned_model.base_model.state_dict(), strict=False)
-    assert not result.missing_keys, f"fine-tuned backbone lacks {result.missing_keys}"
+    finetuned = task.pretraining_view(pretrained, finetuned_model)
 
     def losses(model) -> dict:
         return {name: pretraining_loss(model, inputs, labels, objective, device, batch_size) if objective else None

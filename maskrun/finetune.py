@@ -5,8 +5,8 @@ Recipes from the masking literature, all off by default:
   continue with a fresh optimizer and a fresh warmup + decay schedule over the remaining epochs.
 - `finetune.input_mask_prob=p`: during training, replace each non-special input token by [MASK]
   with probability p (augmentation; evaluation always sees the clean text).
-- `finetune.early_stopping_patience=P`: stop after P epochs without a better validation accuracy
-  and restore the best model (kept in memory) before evaluation.
+- `finetune.early_stopping_patience=P`: stop after P epochs without a better validation result (by the task's
+  metric) and restore the best model (kept in memory) before evaluation.
 """
 
 import math
@@ -15,8 +15,6 @@ from collections.abc import Callable
 import torch
 from transformers import get_scheduler
 
-from maskrun.batching import collate, encode
-from maskrun.evaluate import classify
 from maskrun.optim import MaskedOptimizer
 from maskrun.progress import StageProgress
 
@@ -35,15 +33,15 @@ def warmup_steps(warmup_ratio: float, steps: int) -> int:
     return math.ceil(warmup_ratio * steps)
 
 
-def micro_batch_loss(model, tokenizer, ids: list[list[int]], labels: torch.Tensor, fcfg, device: torch.device,
+def micro_batch_loss(model, task, examples: list, fcfg, device: torch.device,
                      noise_generator: torch.Generator) -> torch.Tensor:
     """The mean loss over one micro-batch, its inputs masked when `finetune.input_mask_prob` asks for it."""
-    batch = collate(tokenizer, ids)
+    batch = task.collate(examples)
     if fcfg.input_mask_prob:
-        batch["input_ids"] = mask_inputs(batch["input_ids"], tokenizer, fcfg.input_mask_prob, noise_generator)
+        batch["input_ids"] = mask_inputs(batch["input_ids"], task.tokenizer, fcfg.input_mask_prob, noise_generator)
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[fcfg.precision], enabled=fcfg.precision != "fp32"):
-        return model(**batch, labels=labels.to(device)).loss
+        return model(**batch).loss
 
 
 class Phase:
@@ -66,15 +64,15 @@ class Phase:
 
 
 class EarlyStopping:
-    """Tracks the best validation accuracy; keeps a copy of the best model's weights."""
+    """Tracks the best validation result by the task's metric; keeps a copy of the best model's weights."""
 
-    def __init__(self, patience: int | None):
-        self.patience, self.best, self.best_state, self.bad_epochs = patience, None, None, 0
+    def __init__(self, patience: int | None, metric: str):
+        self.patience, self.metric, self.best, self.best_state, self.bad_epochs = patience, metric, None, None, 0
 
     def should_stop(self, model, validation: dict) -> bool:
         if self.patience is None:
             return False
-        if self.best is None or validation["accuracy"] > self.best["accuracy"]:
+        if self.best is None or validation[self.metric] > self.best[self.metric]:
             self.best, self.bad_epochs = validation, 0
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return False
@@ -86,9 +84,10 @@ class EarlyStopping:
             model.load_state_dict(self.best_state)
 
 
-def finetune(model, tokenizer, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: torch.device, seed: int,
+def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: torch.device, seed: int,
              extra_loss: Callable[[torch.nn.Module, int], torch.Tensor | None] | None = None) -> dict:
-    """Train `model` on the task's training split; returns the loss and validation history.
+    """Train `model` on the training split of `task` (a maskrun.tasks TaskType); returns the loss and validation
+    history.
 
     The parameters that train are those with requires_grad, less the entries `frozen` holds;
     `extra_loss(model, step)`, when given, is what a method adds to the task loss of every
@@ -98,14 +97,15 @@ def finetune(model, tokenizer, task, frozen: dict[str, torch.Tensor], fcfg, ocfg
     early stopping, else the last); `optimizer_state_bytes` is the largest over the phases.
     """
     torch.manual_seed(seed)
-    train_ids = encode(tokenizer, task.train.texts, fcfg.max_length)
-    labels = torch.tensor(task.train.labels)
-    micro_per_epoch = math.ceil(len(train_ids) / fcfg.batch_size)
+    examples = task.examples(task.data.train)
+    micro_per_epoch = math.ceil(len(examples) / fcfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / fcfg.grad_accum)
     masked_epochs = fcfg.unfreeze_after or fcfg.epochs
     phase = Phase(model, frozen, fcfg, ocfg, steps_per_epoch * masked_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=fcfg.precision == "fp16")
-    stopping = EarlyStopping(fcfg.early_stopping_patience)
+    stopping = EarlyStopping(fcfg.early_stopping_patience, task.METRIC)
+    if fcfg.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more time
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     order_generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator().manual_seed(seed + 1)
     history = {"train": [], "validation": [], "selected": None, "optimizer_state_bytes": 0}
@@ -117,7 +117,7 @@ def finetune(model, tokenizer, task, frozen: dict[str, torch.Tensor], fcfg, ocfg
                 model.requires_grad_(True)
                 phase = Phase(model, {}, fcfg, ocfg, steps_per_epoch * (fcfg.epochs - masked_epochs))
             model.train()
-            order = torch.randperm(len(train_ids), generator=order_generator).tolist()
+            order = torch.randperm(len(examples), generator=order_generator).tolist()
             batches = [order[i:i + fcfg.batch_size] for i in range(0, len(order), fcfg.batch_size)]
             groups = [batches[i:i + fcfg.grad_accum] for i in range(0, len(batches), fcfg.grad_accum)]
             for group in groups:
@@ -126,8 +126,7 @@ def finetune(model, tokenizer, task, frozen: dict[str, torch.Tensor], fcfg, ocfg
                 group_size = sum(len(rows) for rows in group)
                 step_loss, step_extra = 0.0, 0.0
                 for rows in group:
-                    loss = micro_batch_loss(model, tokenizer, [train_ids[i] for i in rows], labels[rows], fcfg,
-                                            device, noise_generator)
+                    loss = micro_batch_loss(model, task, [examples[i] for i in rows], fcfg, device, noise_generator)
                     extra = extra_loss(model, step + 1) if extra_loss else None
                     total = loss if extra is None else loss + extra
                     if not torch.isfinite(total):
@@ -142,8 +141,7 @@ def finetune(model, tokenizer, task, frozen: dict[str, torch.Tensor], fcfg, ocfg
                 history["train"].append({"step": step, "epoch": epoch, "loss": step_loss, "extra_loss": step_extra,
                                          "grad_norm": grad_norm})
                 progress.advance(loss=step_loss)
-            validation = {"step": step, "epoch": epoch,
-                          **classify(model, tokenizer, task.validation, fcfg.max_length, device)}
+            validation = {"step": step, "epoch": epoch, **task.evaluate(model, "validation", device)}
             history["validation"].append(validation)
             history["selected"] = validation
             if stopping.should_stop(model, validation):

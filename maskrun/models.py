@@ -116,9 +116,9 @@ def load_backbone(pretrained_dir: Path) -> torch.nn.Module:
     return AutoModel.from_pretrained(pretrained_dir)
 
 
-def load_task_model(pretrained_dir: Path, num_labels: int) -> torch.nn.Module:
+def load_task_model(pretrained_dir: Path, num_labels: int, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The pretrained backbone under a newly initialised classification head."""
-    return AutoModelForSequenceClassification.from_pretrained(pretrained_dir, num_labels=num_labels)
+    return AutoModelForSequenceClassification.from_pretrained(pretrained_dir, num_labels=num_labels, dtype=dtype)
 
 
 def init_task_model(pretrained_dir: Path, num_labels: int, seed: int) -> torch.nn.Module:
@@ -141,3 +141,10 @@ def head_summary(task_model: torch.nn.Module, pretrained: set[str]) -> dict:
     """
     head = {name: param for name, param in task_model.named_parameters() if name not in pretrained}
     return {"head_parameters": list(head), "head_entries": sum(param.numel() for param in head.values())}
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def torch_dtype(mcfg) -> torch.dtype:
+    return DTYPES[mcfg.get("dtype") or "fp32"]

@@ -1,4 +1,8 @@
-"""One run: pretrain → mask generation → fine-tune by the chosen method → evaluate, each stage through the cache."""
+"""One run: pretrain → mask generation → fine-tune by the chosen method → evaluate, each stage through the cache.
+
+What the task trains and is scored by is its task type's (maskrun.tasks); how fine-tuning is constrained is the
+method's (maskrun.methods).
+"""
 
 import json
 import shutil
@@ -17,16 +21,17 @@ from maskrun.controls import run_controls
 from maskrun.data import load_corpus, load_task
 from maskrun.data.tokenizer import prepare_tokenizer
 from maskrun.devices import resolve_device
-from maskrun.evaluate import classify, interference
+from maskrun.evaluate import interference
 from maskrun.finetune import finetune
 from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, needs_scores, neuron_axes,
                            read_tied_share, write_mask)
 from maskrun.masks.scores import compute_scores, read_scores, write_scores
 from maskrun.methods import build_method, dial
 from maskrun.methods.base import Context, trainable_entries
-from maskrun.models import head_summary, load_task_model, pretrained_names, pretrained_source, pretraining_objective
+from maskrun.models import head_summary, pretrained_names, pretrained_source, pretraining_objective, torch_dtype
 from maskrun.pretrain import pretrain
 from maskrun.sequential import fine_tune_next
+from maskrun.tasks import build_task
 
 
 def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
@@ -36,13 +41,15 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
     metrics["device"] = str(device)
     metrics["cpu_threads"] = torch.get_num_threads()  # float sums, hence the last bits, depend on it
     corpus = load_corpus(cfg.dataset)
-    task = load_task(cfg.dataset, cfg.dataset.split_seed)
+    data = load_task(cfg.dataset, cfg.dataset.split_seed)
+    dtype = torch_dtype(cfg.model)
 
     with stage_timer(timing, "tokenizer"):
         tokenizer_dir, hits["tokenizer"] = cache.fetch(
             "tokenizer", stages.tokenizer(cfg),
             lambda out: prepare_tokenizer(pretrained_source(cfg.model), corpus.train, cfg.model.get("vocab_size"), out))
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        task = build_task(data, tokenizer, cfg.finetune.max_length, cfg.eval)
 
     with stage_timer(timing, "pretrain"):
         pretrained_dir, hits["pretrain"] = cache.fetch(
@@ -55,14 +62,14 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
         """The cached scores entry of kind `score`, computed with the mask group's calibration settings."""
         mcfg = OmegaConf.merge(cfg.mask, {"score": score})
         return cache.fetch("scores", stages.scores(cfg, mcfg, pretrained_dir), lambda out: write_scores(
-            compute_scores(mcfg, pretrained_dir, task, tokenizer, cfg.finetune.max_length, device, cfg.seed), out))
+            compute_scores(mcfg, pretrained_dir, task, device, cfg.seed, dtype), out))
 
     with stage_timer(timing, "scores"):
         scores_dir, hits["scores"] = fetch_scores(cfg.mask.score) if needs_scores(cfg.mask) else (None, "skipped")
 
     with stage_timer(timing, "mask"):
         torch.manual_seed(cfg.seed)  # the new head's initialisation must not depend on which stages were cache hits
-        model = load_task_model(pretrained_dir, task.num_labels).to(device)
+        model = task.load_model(pretrained_dir, dtype).to(device)
         params = eligible_parameters(model, pretrained_names(pretrained_dir), cfg.mask.include, cfg.mask.exclude)
         mask_dir, hits["mask"] = cache.fetch(
             "mask", stages.mask(cfg, pretrained_dir, scores_dir),
@@ -79,32 +86,28 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
     with stage_timer(timing, "method"):  # what the method builds before training (ewc's Fisher, lora's adapters)
         method = build_method(cfg, Context(cfg, pretrained_dir, run_dir, tokenizer, corpus, device, method_scores))
         model_entries = sum(p.numel() for p in model.parameters())
+        task.start(model, device)  # what learning is measured from (the pretrained model's task loss)
         model = method.prepare(model)
         metrics["method"] = {"name": cfg.method.name, **method.record(), "dial": dial(cfg),
                              "trainable": trainable_entries(model, frozen), "model_entries": model_entries}
 
     with stage_timer(timing, "finetune"):
-        history = finetune(model, tokenizer, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed,
-                           method.extra_loss)
+        history = finetune(model, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss)
         model = method.finish(model)
         metrics["artifacts"] |= method.artifacts()
         metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}
         (run_dir / "history.json").write_text(json.dumps(history))
 
     with stage_timer(timing, "evaluate"):
-        metrics["task"] = {
-            "name": task.name, "metric": "accuracy", "labels": task.label_names, "split_sizes": task.split_sizes,
-            "validation": history["selected"],
-            "test": classify(model, tokenizer, task.test, cfg.finetune.max_length, device, cfg.eval.batch_size),
-        }
+        metrics["task"] = task.record() | {"validation": history["selected"], "test": task.evaluate(model, "test", device)}
         metrics["interference"] = interference(
-            pretrained_dir, model, tokenizer, corpus, task, cfg.eval.heldout_texts,
+            pretrained_dir, model, task, corpus, cfg.eval.heldout_texts,
             pretraining_objective(cfg.model, cfg.pretrain), cfg.pretrain.max_length, device, cfg.eval.batch_size)
 
     if cfg.eval.controls:
         with stage_timer(timing, "controls"):
             metrics["controls"], control_hits = run_controls(
-                cache, cfg, pretrained_dir, tokenizer_dir, tokenizer, task, metrics["task"]["test"], device)
+                cache, cfg, pretrained_dir, tokenizer_dir, task, metrics["task"]["test"], device)
             hits.update(control_hits)
 
     if cfg.save_model:  # the model of this run's mask, before any sequential task moves it
@@ -114,8 +117,7 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
 
     if cfg.sequential.dataset:
         with stage_timer(timing, "sequential"):
-            metrics["sequential"] = fine_tune_next(model, task, frozen, tied_share, pretrained_dir, tokenizer, cfg, device,
-                                                   run_dir)
+            metrics["sequential"] = fine_tune_next(model, task, frozen, tied_share, pretrained_dir, cfg, device, run_dir)
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from maskrun.data.corpus import check_corpus, load_corpus
 from maskrun.data.packaged import packaged_file
-from maskrun.data.tasks import check_task, load_task
+from maskrun.data.tasks import check_task, load_task, task_type
 from maskrun.errors import ConfigError
 from maskrun.masks import STRATEGIES
 from maskrun.methods import METHODS
@@ -148,6 +148,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
         check_method(cfg)  # after the model: a method may read the model's parameter names
         check_training(cfg)
         check_dataset(cfg.dataset)
+        check_task_type(cfg)
         check_task_splits(OmegaConf.to_yaml(cfg.dataset))
         if cfg.model.get("vocab_size"):  # a vocabulary trained on the corpus (a pretrained model brings its own)
             check_corpus_vocabulary(cfg.dataset, cfg.model.vocab_size)
@@ -377,6 +378,31 @@ def check_method(cfg: DictConfig) -> None:
         raise ConfigError(f"experiment=sequential runs with method=mask only, not method={cfg.method.name}",
                           "drop the method override for a sequential run")
     method.check(cfg)
+
+
+def check_task_type(cfg: DictConfig) -> None:
+    """What each task type needs of the model and the other settings."""
+    kind = task_type(cfg.dataset)
+    positive_int(cfg.eval.max_new_tokens, "eval.max_new_tokens")
+    if not isinstance(cfg.finetune.gradient_checkpointing, bool):
+        raise ConfigError(f"finetune.gradient_checkpointing={cfg.finetune.gradient_checkpointing!r} is not true or false",
+                          "e.g. finetune.gradient_checkpointing=true")
+    if kind == "classification":
+        return
+    from maskrun.models import pretraining_objective  # transformers, only for the task types that need it
+
+    if pretraining_objective(cfg.model, cfg.pretrain) != "causal_lm":
+        raise ConfigError(f"dataset={cfg.dataset.name} is a {kind} task and needs a decoder with its causal LM head, "
+                          f"which model={cfg.model.name} is not", "use model=tiny_gpt, or model=hf with a causal LM")
+    if cfg.finetune.input_mask_prob:
+        raise ConfigError(f"finetune.input_mask_prob replaces tokens by [MASK], which a {kind} task has no use for",
+                          "set finetune.input_mask_prob=0")
+    if cfg.sequential.dataset:
+        raise ConfigError(f"experiment=sequential fine-tunes classification tasks, and dataset={cfg.dataset.name} is a "
+                          f"{kind} task", "drop experiment=sequential")
+    if kind == "causal_lm" and "scratch" in cfg.eval.controls:
+        raise ConfigError("eval.controls=[scratch] compares task metrics from random initialisation, and a causal_lm "
+                          "task's learning is measured from the pretrained model's loss", "set eval.controls=[]")
 
 
 def check_finetune_recipe(fcfg: DictConfig, ocfg: DictConfig) -> None:

@@ -54,3 +54,14 @@ def smoke_run(tmp_path_factory) -> Path:
     maskrun(["experiment=smoke", "optimizer.weight_decay=0.1"], cwd)
     (run_dir,) = run_dirs(cwd / "outputs")
     return run_dir
+
+
+def task_of(data, tokenizer, max_length: int = 16):
+    """`data` (a maskrun.data.TaskData) as the pipeline asks it, with the packaged eval settings."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    from maskrun.tasks import build_task
+
+    return build_task(data, tokenizer, max_length, OmegaConf.load(files("maskrun.conf") / "config.yaml").eval)

@@ -12,8 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, TrainingArguments
 
-import maskrun.finetune
-from conftest import load_metrics
+from conftest import load_metrics, task_of
 from maskrun.data.tasks import Split, TaskData
 from maskrun.cli import CONFIG_MODULE
 from maskrun.data.tokenizer import train_tokenizer
@@ -22,6 +21,7 @@ from maskrun.batching import collate
 from maskrun.finetune import Phase, finetune, mask_inputs
 from maskrun.masks.random import build as random_mask
 from maskrun.validate import check_config, compose_jobs
+from maskrun.tasks.classification import Classification
 
 GOOD = ["a warm funny film", "great acting and a clever story", "i loved every minute", "a joy to watch"]
 BAD = ["a dull mess", "boring and far too long", "the plot makes no sense", "i wanted my money back"]
@@ -64,7 +64,7 @@ def training_configs(**overrides):
 
 def train(model, tokenizer, task, frozen, **overrides) -> dict:
     fcfg, ocfg = training_configs(**overrides)
-    return finetune(model, tokenizer, task, frozen, fcfg, ocfg, torch.device("cpu"), seed=0)
+    return finetune(model, task_of(task, tokenizer, fcfg.max_length), frozen, fcfg, ocfg, torch.device("cpu"), seed=0)
 
 
 def frozen_moved(model, before: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor]) -> int:
@@ -199,7 +199,7 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(tokeniz
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         return {"accuracy": next(scripted_accuracy), "macro_f1": 0.0}
 
-    monkeypatch.setattr(maskrun.finetune, "classify", scripted_classify)
+    monkeypatch.setattr(Classification, "evaluate", lambda self, model, split, device: scripted_classify(model))
     model = tiny_model(tokenizer)
     history = train(model, tokenizer, task, half_frozen(model), epochs=5, early_stopping_patience=2)
 

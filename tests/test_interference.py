@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from conftest import assert_frozen_entries_exact, load_metrics, maskrun, run_dirs
+from conftest import assert_frozen_entries_exact, load_metrics, maskrun, run_dirs, task_of
 from maskrun.data import Corpus, TaskData
 from maskrun.data.tasks import Split
 from maskrun.data.tokenizer import train_tokenizer
@@ -122,8 +122,8 @@ def test_an_unchanged_model_shows_no_interference_and_a_perturbed_one_shows_its_
     # The task's held-out inputs, on which kl_task is measured: 18 test texts (capped at 16) and 6 validation texts.
     task = TaskData("toy", ["a", "b"], train=Split(TEXTS[:2], [0, 1]), validation=Split(TEXTS[30:], [0, 1] * 3),
                     test=Split(TEXTS[12:30], [0, 1] * 9))
-    measure = lambda objective=objective: interference(tmp_path, task_model, tokenizer, corpus, task, 16, objective, 16,
-                                                       torch.device("cpu"), 8)
+    measure = lambda objective=objective: interference(tmp_path, task_model, task_of(task, tokenizer), corpus, 16,
+                                                       objective, 16, torch.device("cpu"), 8)
 
     unchanged = measure()
     assert (unchanged["heldout_texts"], unchanged["heldout_overlap"]) == (16, 1)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config,
                           GPT2ForSequenceClassification, get_scheduler)
 
-from conftest import load_metrics, maskrun
+from conftest import load_metrics, maskrun, task_of
 from maskrun.batching import collate, encode
 from maskrun.cli import CONFIG_MODULE, check_command_line
 from maskrun.data.tasks import Split, TaskData
@@ -111,7 +111,8 @@ def test_method_lora_trains_as_a_plain_peft_loop(pretrained_dir, tokenizer, task
     cfg = lora_config()
     method = lora_method(cfg, pretrained_dir, tokenizer, tmp_path)
     model = method.prepare(task_model(pretrained_dir, task))
-    finetune(model, tokenizer, task, {}, cfg.finetune, cfg.optimizer, CPU, cfg.seed, method.extra_loss)
+    finetune(model, task_of(task, tokenizer, cfg.finetune.max_length), {}, cfg.finetune, cfg.optimizer, CPU, cfg.seed,
+             method.extra_loss)
     ours = method.finish(model).state_dict()
     plain = plain_peft_lora(cfg, task_model(pretrained_dir, task), tokenizer, task).state_dict()
 

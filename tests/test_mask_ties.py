@@ -18,6 +18,7 @@ from maskrun.data.tasks import Split, TaskData
 from maskrun.data.tokenizer import train_tokenizer
 from maskrun.masks import scores, select, similarity
 from maskrun.report import run as run_report
+from conftest import task_of
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "mask"
 SEEDS = range(120)
@@ -196,7 +197,7 @@ def test_every_token_of_the_training_split_gets_a_gradient_score_by_default(tmp_
     BertForMaskedLM(config).save_pretrained(tmp_path)
     labels = [i % 2 for i in range(len(texts))]
     task = TaskData("toy", ["neg", "pos"], Split(texts, labels), Split(texts[:4], labels[:4]), Split(texts[:4], labels[:4]))
-    gradient = scores.compute_scores(mask_cfg("importance", score="gradient"), tmp_path, task, tokenizer, 16,
+    gradient = scores.compute_scores(mask_cfg("importance", score="gradient"), tmp_path, task_of(task, tokenizer),
                                      torch.device("cpu"), seed=0)
     present = sorted({i for ids in tokenizer(texts, truncation=True, max_length=16)["input_ids"] for i in ids})
     rows = gradient["bert.embeddings.word_embeddings.weight"][present]

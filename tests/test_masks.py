@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
-from conftest import load_metrics, maskrun, run_dirs
+from conftest import load_metrics, maskrun, run_dirs, task_of
 from maskrun.data.tasks import Split, TaskData
 from maskrun.data.tokenizer import train_tokenizer
 from maskrun.errors import ConfigError
@@ -209,7 +209,7 @@ def test_gradient_scores_are_consistent_with_each_other(tiny_checkpoint):
 
     def score(kind: str, **overrides):
         mcfg = mask_cfg("importance", score=kind, calib_batches=3, calib_batch_size=4, **overrides)
-        return compute_scores(mcfg, checkpoint, task, tokenizer, 16, torch.device("cpu"), seed=0)
+        return compute_scores(mcfg, checkpoint, task_of(task, tokenizer), torch.device("cpu"), seed=0)
 
     weights = load_file(checkpoint / "model.safetensors")
     magnitude, gradient, taylor = score("magnitude"), score("gradient"), score("taylor")
@@ -221,7 +221,7 @@ def test_gradient_scores_are_consistent_with_each_other(tiny_checkpoint):
     assert all(torch.equal(a, b) for a, b in zip(gradient.values(), score("gradient").values())), "not deterministic"
     per_example = score("fisher", fisher="per_example")
     batch_of_one = compute_scores(mask_cfg("importance", score="fisher", fisher="batch", calib_batches=12,
-                                           calib_batch_size=1), checkpoint, task, tokenizer, 16, torch.device("cpu"), 0)
+                                           calib_batch_size=1), checkpoint, task_of(task, tokenizer), torch.device("cpu"), 0)
     batch = score("fisher", fisher="batch")
     for name in per_example:  # the same 12 examples: one per batch is per-example Fisher
         torch.testing.assert_close(per_example[name], batch_of_one[name])

@@ -20,10 +20,11 @@ from maskrun.errors import ConfigError
 @dataclass
 class Split:
     texts: list[str]
-    labels: list[int]
+    labels: list[int] | None = None
+    responses: list[str] | None = None
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.texts)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TaskData:
     validation: Split
     test: Split
     split_sizes: dict = field(default_factory=dict)
+    task_type: str = "classification"
 
     @property
     def num_labels(self) -> int:
@@ -98,6 +100,10 @@ def _hub(dcfg) -> tuple[list[str], list]:
 TASKS = {"rotten_tomatoes": _rotten_tomatoes, "sms_spam": _sms_spam, "bbc_news": _bbc_news,
          "csv": _local_file, "json": _local_file, "parquet": _local_file, "hub": _hub}
 PACKAGED_TASKS = ("rotten_tomatoes", "sms_spam", "bbc_news")
+
+
+def task_type(dcfg) -> str:
+    return dcfg.get("task_type") or "classification"
 
 
 def check_task(dcfg) -> None:

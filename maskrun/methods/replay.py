@@ -8,7 +8,8 @@ draws them, from a seeded generator of its own.
 
 The loss is taken under the checkpoint's own pretraining head with the task model's backbone in it,
 so replay trains the very backbone that fine-tuning trains; the head's own parameters stay at their
-pretrained values (they are not part of the task model). Its curve is traced along share.
+pretrained values (they are not part of the task model). A causal-LM task model is the pretraining
+model itself, head included, and replays as it is. Its curve is traced along share.
 """
 
 import math
@@ -57,13 +58,16 @@ class Replay(base.Method):
         cfg, context = self.cfg, self.context
         self.objective = pretraining_objective(cfg.model, cfg.pretrain)
         pretraining_model = load_pretraining_model(context.pretrained_dir, self.objective)
-        setattr(pretraining_model, pretraining_model.base_model_prefix, model.base_model)
-        pretraining_model.tie_weights()  # output embeddings = the task model's input embeddings, if the config ties them
-        backbone = {id(p) for p in model.base_model.parameters()}
-        for param in pretraining_model.parameters():
-            if id(param) not in backbone:
-                param.requires_grad_(False)
-        self.pretraining_model = pretraining_model.to(context.device)
+        if type(model) is type(pretraining_model):  # the task trains the pretraining model itself (causal-LM tasks)
+            self.pretraining_model = model
+        else:
+            setattr(pretraining_model, pretraining_model.base_model_prefix, model.base_model)
+            pretraining_model.tie_weights()  # output embeddings = the task model's input embeddings, if tied
+            backbone = {id(p) for p in model.base_model.parameters()}
+            for param in pretraining_model.parameters():
+                if id(param) not in backbone:
+                    param.requires_grad_(False)
+            self.pretraining_model = pretraining_model.to(context.device)
         self.blocks = pack_texts(context.tokenizer, context.corpus.train, cfg.pretrain.max_length)
         self.generator = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET)
         return model

@@ -1,0 +1,78 @@
+"""Instruction tuning: prompt → response, the loss over the response tokens only; exact match of greedy generations.
+
+An example is the start token, the prompt, the response and the end-of-text token, in at most `max_length`
+tokens (a long prompt loses its beginning, so its closing cue stays); prompt positions carry label −100, as
+the decoder-input masking of instruction tuning does. Generation is greedy from the prompt, for at most
+`eval.max_new_tokens` tokens or until end of text; a generation matches when it equals the response up to
+surrounding whitespace.
+"""
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from maskrun.tasks.base import TaskType, boundary_tokens, pad_right, token_loss
+
+
+class Instruction(TaskType):
+    METRIC = "exact_match"
+
+    def load_model(self, pretrained_dir, dtype=None):
+        return AutoModelForCausalLM.from_pretrained(pretrained_dir, dtype=dtype)
+
+    def new_model(self, pretrained_dir, seed):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained_dir))
+
+    def window(self, prompt: list[int], room: int) -> list[int]:
+        """The start token and the prompt, cut from the left to leave `room` of the max_length tokens free."""
+        start, _ = boundary_tokens(self.tokenizer)
+        head = [] if start is None else [start]
+        return head + prompt[max(0, len(head) + len(prompt) + room - self.max_length):]
+
+    def examples(self, split):
+        _, end = boundary_tokens(self.tokenizer)
+        prompts = self.tokenizer(split.texts, add_special_tokens=False)["input_ids"]
+        responses = self.tokenizer(split.responses, add_special_tokens=False)["input_ids"]
+        # A response longer than the window keeps its beginning.
+        responses = [(r + [end])[:self.max_length - 1] for r in responses]
+        return [(self.window(p, len(r)), r) for p, r in zip(prompts, responses)]
+
+    def collate(self, examples):
+        pad = self.tokenizer.pad_token_id
+        ids = pad_right([p + r for p, r in examples], pad)
+        labels = pad_right([[-100] * len(p) + r for p, r in examples], -100)
+        attention_mask = pad_right([[1] * (len(p) + len(r)) for p, r in examples], 0)
+        return {"input_ids": ids, "attention_mask": attention_mask, "labels": labels}
+
+    @torch.no_grad()
+    def generate(self, model, prompts: list[str], device: torch.device) -> list[str]:
+        """Greedy generations from the prompts, left-padded so that each continues right after its own prompt."""
+        _, end = boundary_tokens(self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        ids = [self.window(p, self.ecfg.max_new_tokens)
+               for p in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        width = max(map(len, ids))
+        inputs = torch.tensor([[pad] * (width - len(p)) + p for p in ids], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids], device=device)
+        out = model.generate(input_ids=inputs, attention_mask=attention_mask, max_new_tokens=self.ecfg.max_new_tokens,
+                             do_sample=False, eos_token_id=end, pad_token_id=pad)
+        new = out[:, width:].tolist()
+        return [self.tokenizer.decode(row[:row.index(end)] if end in row else row, skip_special_tokens=True)
+                for row in new]
+
+    def evaluate(self, model, split, device):
+        data, size = getattr(self.data, split), self.ecfg.batch_size
+        model.eval()
+        examples = self.examples(data)
+        result = token_loss(model, (self.collate(examples[i:i + size]) for i in range(0, len(examples), size)), device)
+        generated = [text for i in range(0, len(data), size)
+                     for text in self.generate(model, data.texts[i:i + size], device)]
+        matches = sum(g.strip() == r.strip() for g, r in zip(generated, data.responses))
+        return result | {"exact_match": matches / len(data)}
+
+    def pretraining_view(self, pretrained, finetuned):
+        return finetuned
+
+
+def build(data, tokenizer, max_length, ecfg) -> Instruction:
+    return Instruction(data, tokenizer, max_length, ecfg)

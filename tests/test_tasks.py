@@ -1,0 +1,129 @@
+"""Task types: what each trains on (labels), what it measures (loss, learning, exact match), and how forgetting
+reads its model."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer
+
+from conftest import task_of
+from maskrun.data.tasks import Split, TaskData
+from maskrun.data.tokenizer import train_tokenizer
+from maskrun.models import build_pretraining_model
+from maskrun.tasks.base import boundary_tokens, token_loss
+
+CPU = torch.device("cpu")
+PROBLEMS = [(f"Tom has {a} apples and buys {b} more. How many apples does he have?\nAnswer:", f" {a + b}")
+            for a, b in [(3, 4), (12, 7), (25, 30), (8, 1), (40, 2), (6, 6), (19, 11), (2, 50)]]
+CODE = ["def add(a, b):\n    return a + b\n", "class Point:\n    def __init__(self, x):\n        self.x = x\n",
+        "import os\nprint(os.getcwd())\n", "for i in range(10):\n    print(i * i)\n"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([p + r for p, r in PROBLEMS] * 3 + CODE * 3, vocab_size=200, out_dir=out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory, tokenizer):
+    """A tiny causal-LM checkpoint, as the pretrain stage writes one."""
+    out = tmp_path_factory.mktemp("decoder")
+    mcfg = OmegaConf.create({"family": "gpt2", "objective": "causal_lm", "name_or_path": None, "hidden_size": 16,
+                             "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
+                             "dropout": 0.0})
+    torch.manual_seed(0)
+    build_pretraining_model(mcfg, tokenizer).save_pretrained(out)
+    return out
+
+
+def instruction_task(tokenizer, problems=PROBLEMS, max_length: int = 48):
+    split = Split([p for p, _ in problems], responses=[r for _, r in problems])
+    data = TaskData(name="toy", label_names=[], train=split, validation=split, test=split, task_type="instruction")
+    return task_of(data, tokenizer, max_length)
+
+
+def causal_task(tokenizer):
+    data = TaskData(name="code", label_names=[], train=Split(CODE[:2]), validation=Split(CODE[2:3]),
+                    test=Split(CODE[3:]), task_type="causal_lm")
+    return task_of(data, tokenizer, 16)
+
+
+def test_instruction_labels_cover_the_response_and_its_end_only(tokenizer):
+    task = instruction_task(tokenizer)
+    start, end = boundary_tokens(tokenizer)
+    examples = task.examples(task.data.train)
+    batch = task.collate(examples)
+    for row, (prompt, response) in enumerate(examples):
+        answer = tokenizer(PROBLEMS[row][1], add_special_tokens=False)["input_ids"]
+        assert prompt[0] == start and response == answer + [end]
+        labelled = batch["labels"][row].ne(-100)
+        assert batch["labels"][row][labelled].tolist() == response  # the prompt and the padding are never predicted
+        assert batch["input_ids"][row][:len(prompt) + len(response)].tolist() == prompt + response
+        assert batch["attention_mask"][row].sum() == len(prompt) + len(response)
+
+
+def test_a_long_prompt_loses_its_beginning_and_keeps_its_cue_and_the_response(tokenizer):
+    long = [("word " * 80 + PROBLEMS[0][0], PROBLEMS[0][1])]
+    task = instruction_task(tokenizer, long, max_length=24)
+    prompt, response = task.examples(task.data.train)[0]
+    cue = tokenizer(PROBLEMS[0][0], add_special_tokens=False)["input_ids"][-6:]
+    assert len(prompt) + len(response) == 24 and prompt[-6:] == cue
+    assert response[:-1] == tokenizer(PROBLEMS[0][1], add_special_tokens=False)["input_ids"]
+
+
+def test_the_loss_is_the_mean_over_predicted_tokens(tokenizer, decoder_dir):
+    task = instruction_task(tokenizer)
+    model = task.load_model(decoder_dir).eval()
+    batch = task.collate(task.examples(task.data.train)[:3])
+    with torch.no_grad():
+        expected = model(**batch).loss.item()  # transformers' own shift and mean over labelled tokens
+    assert token_loss(model, [batch], CPU)["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_batched_generation_continues_each_prompt_as_alone(tokenizer, decoder_dir):
+    task = instruction_task(tokenizer)
+    model = task.load_model(decoder_dir).eval()
+    prompts = [p for p, _ in PROBLEMS]
+    assert task.generate(model, prompts, CPU) == [task.generate(model, [p], CPU)[0] for p in prompts]
+
+
+def test_exact_match_counts_generations_equal_to_the_response(tokenizer, decoder_dir):
+    task = instruction_task(tokenizer)
+    model = task.load_model(decoder_dir).eval()
+    generated = task.generate(model, [p for p, _ in PROBLEMS], CPU)
+    # Half the responses are what the model generates (up to surrounding whitespace), half something else.
+    problems = [(p, f" {g} " if i % 2 else g + "x") for i, ((p, _), g) in enumerate(zip(PROBLEMS, generated))]
+    result = instruction_task(tokenizer, problems).evaluate(model, "test", CPU)
+    assert result["exact_match"] == 0.5
+    assert set(result) == {"loss", "perplexity", "exact_match"}
+
+
+def test_causal_lm_learning_is_the_drop_from_the_pretrained_loss(tokenizer, decoder_dir):
+    task = causal_task(tokenizer)
+    model = task.load_model(decoder_dir)
+    task.start(model, CPU)
+    unchanged = task.evaluate(model, "test", CPU)
+    assert unchanged["learning"] == 0.0 and unchanged["loss"] == unchanged["loss_before"]
+    assert unchanged["perplexity"] == pytest.approx(torch.tensor(unchanged["loss"]).exp().item())
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    moved = task.evaluate(model, "test", CPU)
+    assert moved["loss_before"] == unchanged["loss"]
+    assert moved["learning"] == pytest.approx(unchanged["loss"] - moved["loss"]) and moved["learning"] != 0.0
+
+
+def test_causal_lm_blocks_are_packed_from_the_documents(tokenizer):
+    task = causal_task(tokenizer)
+    blocks = task.examples(task.data.train)
+    assert all(len(block) == 16 for block in blocks)
+    batch = task.collate(blocks)
+    padding = batch["input_ids"].eq(tokenizer.pad_token_id)
+    assert torch.equal(batch["labels"].eq(-100), padding) and torch.equal(batch["attention_mask"].eq(0), padding)
+
+
+def test_forgetting_reads_a_language_model_task_as_it_is(tokenizer, decoder_dir):
+    for task in (causal_task(tokenizer), instruction_task(tokenizer)):
+        model = task.load_model(decoder_dir)
+        assert task.pretraining_view(object(), model) is model
