@@ -32,9 +32,9 @@ LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "sci
 STAGE_CODE = {
     "tokenizer": ("maskrun.data.tokenizer", "maskrun.data.corpus"),
     "pretrain": ("maskrun.pretrain", "maskrun.data.corpus"),
-    "scores": ("maskrun.masks.scores", "maskrun.data.tasks"),
+    "scores": ("maskrun.masks.scores", "maskrun.data.tasks", "maskrun.tasks"),
     "mask": ("maskrun.masks",),
-    "scratch": ("maskrun.controls", "maskrun.data.tasks"),
+    "scratch": ("maskrun.controls", "maskrun.data.tasks", "maskrun.tasks"),
     "result": ("maskrun.job", "maskrun.pipeline"),
 }
 
