@@ -446,13 +446,15 @@ def check_dataset(dataset: DictConfig) -> None:
 
 @functools.lru_cache(maxsize=None)  # the jobs of a sweep share their dataset
 def check_task_splits(dataset_yaml: str) -> None:
-    """Split the task as the run will: every split needs examples, and training needs two classes."""
+    """Split the task as the run will: every split needs examples, and training a classifier needs two classes."""
     dataset = OmegaConf.create(dataset_yaml)
     task = load_task(dataset, dataset.split_seed)
     splits = {name: task.split_sizes[name] for name in ("train", "validation", "test")}
-    if 0 in splits.values() or len(set(task.train.labels)) < 2:
+    classification = task.task_type == "classification"
+    if 0 in splits.values() or (classification and len(set(task.train.labels)) < 2):
         sizes = ", ".join(f"{name} {size}" for name, size in splits.items())
-        raise ConfigError(f"dataset {dataset.name} splits into {sizes} examples ({len(task.label_names)} classes): too few",
+        classes = f" ({len(task.label_names)} classes)" if classification else ""
+        raise ConfigError(f"dataset {dataset.name} splits into {sizes} examples{classes}: too few",
                           "raise dataset.max_examples (null: all) or the split fractions")
     if dataset.get("train_size") and dataset.train_size > splits["train"]:
         raise ConfigError(f"dataset.train_size={dataset.train_size} exceeds the {splits['train']} training examples of {dataset.name}",

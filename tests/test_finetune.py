@@ -38,7 +38,7 @@ def tokenizer(tmp_path_factory):
 def task() -> TaskData:
     texts, labels = (GOOD + BAD) * 4, ([1] * len(GOOD) + [0] * len(BAD)) * 4
     split = Split(texts, labels)
-    return TaskData("toy", ["bad", "good"], train=split, validation=Split(GOOD + BAD, [1] * 4 + [0] * 4), test=split)
+    return TaskData("toy", "classification", ["bad", "good"], train=split, validation=Split(GOOD + BAD, [1] * 4 + [0] * 4), test=split)
 
 
 def tiny_model(tokenizer, **config_overrides) -> BertForSequenceClassification:
@@ -96,7 +96,7 @@ def accumulated_and_whole_batch_runs(tokenizer, task, monkeypatch) -> list[tuple
     forward passes match. The gradients are recorded as each step receives them, before clipping.
     """
     train_split = Split(task.train.texts[:30], task.train.labels[:30])
-    small_task = TaskData("toy", task.label_names, train=train_split, validation=task.validation, test=task.test)
+    small_task = TaskData("toy", "classification", task.label_names, train=train_split, validation=task.validation, test=task.test)
     phase_step = Phase.step
 
     def recording_step(phase, *args):

@@ -120,7 +120,7 @@ def test_an_unchanged_model_shows_no_interference_and_a_perturbed_one_shows_its_
     # The slices split TEXTS; one test text also occurs (in other case and punctuation) in the training split.
     corpus = Corpus("toy", train=[TEXTS[0].upper() + "!", "an unrelated text"], validation=TEXTS[18:], test=TEXTS[:18])
     # The task's held-out inputs, on which kl_task is measured: 18 test texts (capped at 16) and 6 validation texts.
-    task = TaskData("toy", ["a", "b"], train=Split(TEXTS[:2], [0, 1]), validation=Split(TEXTS[30:], [0, 1] * 3),
+    task = TaskData("toy", "classification", ["a", "b"], train=Split(TEXTS[:2], [0, 1]), validation=Split(TEXTS[30:], [0, 1] * 3),
                     test=Split(TEXTS[12:30], [0, 1] * 9))
     measure = lambda objective=objective: interference(tmp_path, task_model, task_of(task, tokenizer), corpus, 16,
                                                        objective, 16, torch.device("cpu"), 8)

@@ -44,7 +44,7 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task() -> TaskData:
     texts, labels = (GOOD + BAD) * 4, ([1] * len(GOOD) + [0] * len(BAD)) * 4
-    return TaskData("toy", ["bad", "good"], train=Split(texts, labels),
+    return TaskData("toy", "classification", ["bad", "good"], train=Split(texts, labels),
                     validation=Split(GOOD + BAD, [1] * 4 + [0] * 4), test=Split(GOOD + BAD, [1] * 4 + [0] * 4))
 
 

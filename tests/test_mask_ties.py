@@ -196,7 +196,8 @@ def test_every_token_of_the_training_split_gets_a_gradient_score_by_default(tmp_
     torch.manual_seed(0)
     BertForMaskedLM(config).save_pretrained(tmp_path)
     labels = [i % 2 for i in range(len(texts))]
-    task = TaskData("toy", ["neg", "pos"], Split(texts, labels), Split(texts[:4], labels[:4]), Split(texts[:4], labels[:4]))
+    task = TaskData("toy", "classification", ["neg", "pos"], Split(texts, labels), Split(texts[:4], labels[:4]),
+                    Split(texts[:4], labels[:4]))
     gradient = scores.compute_scores(mask_cfg("importance", score="gradient"), tmp_path, task_of(task, tokenizer),
                                      torch.device("cpu"), seed=0)
     present = sorted({i for ids in tokenizer(texts, truncation=True, max_length=16)["input_ids"] for i in ids})

@@ -198,7 +198,7 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     BertForMaskedLM(BertConfig(**{**TINY.to_dict(), "vocab_size": 60})).save_pretrained(out)
     labels = [int("good" in t or "great" in t) for t in texts]
-    task = TaskData("toy", ["neg", "pos"], Split(texts, labels), Split(texts[:4], labels[:4]), Split(texts[:4], labels[:4]))
+    task = TaskData("toy", "classification", ["neg", "pos"], Split(texts, labels), Split(texts[:4], labels[:4]), Split(texts[:4], labels[:4]))
     from transformers import AutoTokenizer
 
     return out, task, AutoTokenizer.from_pretrained(out)

@@ -1,8 +1,9 @@
 """Checks of a user's dataset file (CSV, JSON / JSON Lines, Parquet) before any work starts.
 
-`check_dataset_file` reads the file once and raises ConfigError saying what is wrong and how to fix
-it: missing or empty file, unparsable content, wrong encoding, absent columns, empty texts, a single
-class, or labels that are neither all ints nor all strings (or are fractional numbers).
+`check_dataset_file` (a classification file) and `check_text_file` (a causal_lm or instruction file) read
+the file once and raise ConfigError saying what is wrong and how to fix it: missing or empty file,
+unparsable content, wrong encoding, absent columns, empty texts, and for classification a single class,
+or labels that are neither all ints nor all strings (or are fractional numbers).
 """
 
 import codecs
@@ -16,16 +17,31 @@ FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parque
 
 
 def check_dataset_file(path, format: str | None, text_column: str, label_column: str, encoding: str) -> None:
+    """A classification file: a text and a label in every record."""
     path = Path(path).expanduser()
+    rows = read_checked_rows(path, format, encoding, {"dataset.text_column": text_column, "dataset.label_column": label_column})
+    check_texts(path, rows, text_column)
+    check_labels(path, rows, label_column)
+
+
+def check_text_file(path, format: str | None, columns: dict[str, str], encoding: str) -> None:
+    """A causal_lm or instruction file: text in each of `columns` ({config key: column name}) of every record."""
+    path = Path(path).expanduser()
+    rows = read_checked_rows(path, format, encoding, columns)
+    for column in columns.values():
+        check_texts(path, rows, column)
+
+
+def read_checked_rows(path: Path, format: str | None, encoding: str, columns: dict[str, str]) -> list[dict]:
+    """The file's records, once the file is there, parses, has records and has every column in `columns`."""
     format = check_format(path, format)
     check_file(path)
     check_encoding_name(encoding)
     rows = read_rows(path, format, encoding)
     if not rows:
         raise ConfigError(f"dataset.path={path} holds no rows", "point dataset.path at a file with a header and data")
-    check_columns(path, rows, text_column, label_column)
-    check_texts(path, rows, text_column)
-    check_labels(path, rows, label_column)
+    check_columns(path, rows, columns)
+    return rows
 
 
 def check_format(path: Path, format: str | None) -> str:
@@ -111,12 +127,12 @@ def read_parquet(path: Path) -> list[dict]:
         raise ConfigError(f"dataset.path={path} is not valid Parquet: {err}", "export the file again as Parquet") from None
 
 
-def check_columns(path: Path, rows: list[dict], text_column: str, label_column: str) -> None:
-    columns = list(rows[0])
-    for key, column in (("dataset.text_column", text_column), ("dataset.label_column", label_column)):
+def check_columns(path: Path, rows: list[dict], columns: dict[str, str]) -> None:
+    present = list(rows[0])
+    for key, column in columns.items():
         if any(column not in row for row in rows):
             raise ConfigError(f"dataset.path={path} has no column {column!r} ({key})",
-                              f"set {key} to one of: {', '.join(map(str, columns))}")
+                              f"set {key} to one of: {', '.join(map(str, present))}")
 
 
 def check_texts(path: Path, rows: list[dict], text_column: str) -> None:
