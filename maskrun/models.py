@@ -1,8 +1,8 @@
 """Build or load a backbone for pretraining, load it under a task head, and say which parameters are pretrained.
 
-Families: BERT-style encoders pretrained by masked language modelling and GPT-2-style decoders
-pretrained as causal language models, either built from scratch (`model.family`) or loaded
-pretrained (`model.packaged` or `model.name_or_path`). Every checkpoint maskrun saves keeps the
+Families: BERT-style encoders pretrained by masked language modelling and decoders (GPT-2, Llama,
+Qwen2, Mistral) pretrained as causal language models, either built from scratch (`model.family`) or
+loaded pretrained (`model.packaged` or `model.name_or_path`). Every checkpoint maskrun saves keeps the
 backbone under the task model's names, so a mask's names match both.
 """
 
@@ -21,9 +21,11 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
 from maskrun.data.packaged import packaged_file
+from maskrun.errors import ConfigError
 
 # Loading a pretraining checkpoint under a new task head is the point, not a warning;
 # maskrun draws its own progress bars.
@@ -31,6 +33,13 @@ hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
 OBJECTIVES = {"mlm": AutoModelForMaskedLM, "causal_lm": AutoModelForCausalLM}
+# The head a checkpoint was saved with, by the ending of its class name (config.architectures).
+HEAD_ENDINGS = {"ForCausalLM": "causal_lm", "LMHeadModel": "causal_lm", "ForMaskedLM": "mlm"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model.dtype: the parameters' dtype
+
+
+def torch_dtype(mcfg) -> torch.dtype:
+    return DTYPES[mcfg.dtype]
 
 
 def pretrained_source(mcfg) -> str | None:
@@ -40,14 +49,69 @@ def pretrained_source(mcfg) -> str | None:
     return mcfg.get("name_or_path")
 
 
+def checkpoint_head(source: str) -> str | None:
+    """The objective of the LM head the checkpoint holds (from the class it was saved as); None: a bare backbone."""
+    for architecture in AutoConfig.from_pretrained(source).architectures or ():
+        for ending, objective in HEAD_ENDINGS.items():
+            if architecture.endswith(ending):
+                return objective
+    return None
+
+
+def model_objective(mcfg) -> str | None:
+    """`model.objective`, or when it is null the pretrained checkpoint's own: its head's, else its architecture's
+    (a model type with a masked-LM head is an encoder, one with only a causal-LM head a decoder)."""
+    source = pretrained_source(mcfg)
+    if mcfg.objective or not source:
+        return mcfg.objective
+    head = checkpoint_head(source)
+    if head:
+        return head
+    model_type = AutoConfig.from_pretrained(source).model_type
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "mlm"
+    return "causal_lm" if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
+
+
 def pretraining_objective(mcfg, pcfg) -> str | None:
-    """The objective the checkpoint's head was trained for; None when a pretrained model is used as is."""
-    if pretrained_source(mcfg) and pcfg.steps == 0:
-        return None
-    return mcfg.objective
+    """The objective of the head the pretrained checkpoint ends up with; None when it has none.
+
+    A pretrained model used as is (pretrain.steps=0) keeps its own LM head if it has one, so its
+    forgetting is measured with that head; a bare backbone (e.g. the packaged MiniLM) has none.
+    """
+    source = pretrained_source(mcfg)
+    if source and pcfg.steps == 0:
+        return checkpoint_head(source)
+    return model_objective(mcfg)
 
 
-def scratch_config(mcfg, vocab_size: int, pad_id: int, cls_id: int, sep_id: int) -> PretrainedConfig:
+def check_objective(mcfg, pcfg) -> None:
+    """A pretrained model's objective must be one its architecture has a head for, and at pretrain.steps=0 the head
+    it already has (that head measures forgetting)."""
+    source = pretrained_source(mcfg)
+    objective, model_type = model_objective(mcfg), AutoConfig.from_pretrained(source).model_type
+    if objective is None:
+        raise ConfigError(f"cannot tell the pretraining objective of {source} (model type {model_type})",
+                          f"set model.objective to one of: {', '.join(OBJECTIVES)}")
+    mapping = {"mlm": MODEL_FOR_MASKED_LM_MAPPING_NAMES, "causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}[objective]
+    if model_type not in mapping:
+        raise ConfigError(f"model.objective={objective} has no head for model type {model_type}",
+                          "set model.objective=null to take the checkpoint's own")
+    head = checkpoint_head(source)
+    if pcfg.steps == 0 and head not in (None, objective):
+        raise ConfigError(f"model.objective={objective}, but {source} holds a {head} head, used as is at pretrain.steps=0",
+                          f"set model.objective=null (or {head})")
+
+
+def boundary_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """The tokens that begin and end a document: BERT's [CLS] and [SEP], else bos and eos; a tokenizer with no
+    bos (Qwen2's) begins with eos, the end of the document before."""
+    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    start = next((i for i in (tokenizer.cls_token_id, tokenizer.bos_token_id) if i is not None), end)
+    return start, end
+
+
+def scratch_config(mcfg, vocab_size: int, pad_id: int, start_id: int, end_id: int) -> PretrainedConfig:
     if mcfg.family == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size,
@@ -59,8 +123,8 @@ def scratch_config(mcfg, vocab_size: int, pad_id: int, cls_id: int, sep_id: int)
             resid_pdrop=mcfg.dropout,
             embd_pdrop=mcfg.dropout,
             attn_pdrop=mcfg.dropout,
-            bos_token_id=cls_id,
-            eos_token_id=sep_id,
+            bos_token_id=start_id,
+            eos_token_id=end_id,
             pad_token_id=pad_id,
         )
     return BertConfig(
@@ -77,11 +141,12 @@ def scratch_config(mcfg, vocab_size: int, pad_id: int, cls_id: int, sep_id: int)
 
 
 def build_pretraining_model(mcfg, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """The backbone under its pretraining head: new from `scratch_config`, or loaded (a missing head starts new)."""
-    auto = OBJECTIVES[mcfg.objective]
+    """The backbone under its pretraining head, in `model.dtype`: new from `scratch_config`, or loaded (a missing
+    head starts new)."""
+    auto = OBJECTIVES[model_objective(mcfg)]
     source = pretrained_source(mcfg)
-    model = auto.from_pretrained(source) if source else auto.from_config(
-        scratch_config(mcfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id))
+    model = auto.from_pretrained(source, dtype=torch_dtype(mcfg)) if source else auto.from_config(
+        scratch_config(mcfg, len(tokenizer), tokenizer.pad_token_id, *boundary_ids(tokenizer)), dtype=torch_dtype(mcfg))
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders classify at the last non-padding token
     return model
 
@@ -101,9 +166,9 @@ def backbone_shapes(mcfg, pcfg) -> dict[str, torch.Size]:
             if name.startswith(prefix) and (pretraining is None or name in pretraining)}
 
 
-def save_backbone(source: str, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    """A pretrained model used as is: only its backbone, saved under the task model's parameter names."""
-    model = AutoModelForSequenceClassification.from_pretrained(source, pad_token_id=tokenizer.pad_token_id)
+def save_backbone(source: str, tokenizer: PreTrainedTokenizerBase, out_dir: Path, dtype: torch.dtype) -> None:
+    """A pretrained model used as is that has no LM head: only its backbone, saved under the task model's names."""
+    model = AutoModelForSequenceClassification.from_pretrained(source, pad_token_id=tokenizer.pad_token_id, dtype=dtype)
     prefix = model.base_model_prefix + "."
     model.save_pretrained(out_dir, state_dict={k: v for k, v in model.state_dict().items() if k.startswith(prefix)})
 
@@ -141,10 +206,3 @@ def head_summary(task_model: torch.nn.Module, pretrained: set[str]) -> dict:
     """
     head = {name: param for name, param in task_model.named_parameters() if name not in pretrained}
     return {"head_parameters": list(head), "head_entries": sum(param.numel() for param in head.values())}
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def torch_dtype(mcfg) -> torch.dtype:
-    return DTYPES[mcfg.get("dtype") or "fp32"]

@@ -10,7 +10,12 @@ entries plus an int32 index.
 
 import torch
 
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_")
+
+
+def decays(param: torch.Tensor) -> bool:
+    """Weight decay applies to matrices (weights, embeddings), never to vectors: biases and the gains of LayerNorm
+    and RMSNorm, whatever their names (nanoGPT's and the HF Trainer's rule)."""
+    return param.ndim >= 2
 
 
 def make_torch_optimizer(ocfg, groups: list[dict], lr: float) -> torch.optim.Optimizer:
@@ -57,11 +62,12 @@ class MaskedOptimizer:
                 param.requires_grad_(False)  # no gradient is even computed for it
             if not param.requires_grad:  # frozen whole, or left out by the method (e.g. lora's base weights)
                 continue
+            group = decay if decays(param) else no_decay  # by the parameter's own rank: a shadow is flat
             if mask is not None and bool(mask.any()):
                 part = PartiallyFrozen(param, mask.to(param.device))
                 self.partial.append(part)
                 param = part.shadow
-            (no_decay if any(tag in name for tag in NO_DECAY) else decay).append(param)
+            group.append(param)
         groups = [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.optimizer = make_torch_optimizer(ocfg, [g for g in groups if g["params"]], lr)
 

@@ -47,7 +47,8 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
     with stage_timer(timing, "tokenizer"):
         tokenizer_dir, hits["tokenizer"] = cache.fetch(
             "tokenizer", stages.tokenizer(cfg),
-            lambda out: prepare_tokenizer(pretrained_source(cfg.model), corpus.train, cfg.model.get("vocab_size"), out))
+            lambda out: prepare_tokenizer(pretrained_source(cfg.model), corpus.train, cfg.model.get("vocab_size"), out,
+                                          cfg.model.family))
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         task = build_task(data, tokenizer, cfg.finetune.max_length, cfg.eval)
 

@@ -1,7 +1,8 @@
 """Pretraining of a backbone on the pretraining corpus: masked LM for encoders, causal LM for decoders.
 
-A pretrained model with `pretrain.steps=0` is used as is: only its backbone is saved, and with no
-pretraining head its forgetting cannot be measured (cka and drift_l2 still are).
+A pretrained model with `pretrain.steps=0` is used as is: saved whole when it has its own LM head
+(which then measures forgetting), else only its backbone, and with no pretraining head its
+forgetting cannot be measured (cka and drift_l2 still are).
 """
 
 import json
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from maskrun.models import build_pretraining_model, pretrained_source, pretraining_objective, save_backbone
+from maskrun.models import (boundary_ids, build_pretraining_model, pretrained_source, pretraining_objective,
+                            save_backbone, torch_dtype)
 from maskrun.progress import StageProgress
 
 # BERT's treatment of a position chosen for masked LM: [MASK] 80% of the time, a random token 10%, unchanged the rest.
@@ -20,8 +22,7 @@ RANDOM_TOKEN_SHARE = 0.1
 
 def pack_texts(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
     """Concatenate the texts, each ended by a separator, into full blocks of max_length tokens."""
-    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    start, end = boundary_ids(tokenizer)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     stream = [tok for seq in ids for tok in seq + [end]]
     body = max_length - 2
@@ -75,9 +76,17 @@ def pretrain(mcfg, pcfg, texts: list[str], tokenizer_dir: Path, out_dir: Path, d
     tokenizer.save_pretrained(out_dir)
     objective = pretraining_objective(mcfg, pcfg)
     if objective is None:
-        save_backbone(pretrained_source(mcfg), tokenizer, out_dir)
+        save_backbone(pretrained_source(mcfg), tokenizer, out_dir, torch_dtype(mcfg))
         return
     model = build_pretraining_model(mcfg, tokenizer).to(device)
+    history = train_objective(model, tokenizer, objective, pcfg, texts, device, seed) if pcfg.steps else []
+    model.save_pretrained(out_dir)
+    (Path(out_dir) / "pretrain_history.json").write_text(json.dumps(history))
+
+
+def train_objective(model, tokenizer, objective: str, pcfg, texts: list[str], device: torch.device,
+                    seed: int) -> list[dict]:
+    """`pcfg.steps` steps of the objective on batches of packed blocks; the loss and learning rate of each."""
     blocks = pack_texts(tokenizer, texts, pcfg.max_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
     # A schedule shorter than its warmup warms up over all of it.
@@ -100,5 +109,4 @@ def pretrain(mcfg, pcfg, texts: list[str], tokenizer_dir: Path, out_dir: Path, d
             optimizer.zero_grad(set_to_none=True)
             history.append({"step": step, "loss": loss.item(), "lr": learning_rate})
             progress.advance(loss=loss.item())
-    model.save_pretrained(out_dir)
-    (Path(out_dir) / "pretrain_history.json").write_text(json.dumps(history))
+    return history

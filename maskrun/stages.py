@@ -67,10 +67,12 @@ def model(mcfg) -> dict:
 
 
 def tokenizer(cfg) -> dict:
-    """A pretrained model's own tokenizer is keyed by the model; a trained one by its corpus and size."""
+    """A pretrained model's own tokenizer is keyed by the model; a trained one by its corpus, its size and the family
+    it is for (WordPiece or byte-level BPE)."""
     if cfg.model.get("packaged") or cfg.model.get("name_or_path"):
         return stage_inputs("tokenizer", model=model(cfg.model))
-    return stage_inputs("tokenizer", corpus=corpus(cfg.dataset), vocab_size=cfg.model.vocab_size)
+    return stage_inputs("tokenizer", corpus=corpus(cfg.dataset), vocab_size=cfg.model.vocab_size,
+                        family=cfg.model.family)
 
 
 def pretrain(cfg, tokenizer_dir: Path) -> dict:

@@ -38,7 +38,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SECTIONS = ("model", "dataset", "mask", "method", "optimizer", "pretrain", "finetune", "eval")
 ABSENT = object()
 WORD = re.compile(r"\w+|[^\w\s]")  # what the tokenizer's BERT pre-tokenizer splits text into
-OBJECTIVES = ("mlm", "causal_lm")
 SCRATCH_FAMILIES = ("bert", "gpt2")
 CONTROLS = ("scratch",)
 
@@ -142,7 +141,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
     try:
         check_top_level(cfg)
         check_mask(cfg.mask)
-        check_model(cfg.model)
+        check_model(cfg.model, cfg.pretrain, cfg.finetune)
         if cfg.mask.include or cfg.mask.exclude:
             check_mask_selects(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain), tuple(cfg.mask.include or ()), tuple(cfg.mask.exclude or ()))
         check_method(cfg)  # after the model: a method may read the model's parameter names
@@ -265,8 +264,12 @@ def check_top_level(cfg: DictConfig) -> None:
         raise ConfigError(f"save_model={cfg.save_model!r} is not true or false", "save_model=true or save_model=false")
 
 
-def check_model(model: DictConfig) -> None:
-    """The shape of a model built from scratch; a pretrained model's own config sets none of these."""
+def check_model(model: DictConfig, pretrain: DictConfig, finetune: DictConfig) -> None:
+    """The shape of a model built from scratch (a pretrained model's own config sets none of these), its dtype,
+    and the objective it is pretrained or measured with."""
+    from maskrun.data.tokenizer import BYTE_LEVEL_BASE  # keep transformers off the import of this module
+    from maskrun.models import DTYPES, OBJECTIVES, check_objective
+
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
         if model.get(key) is not None:  # null: the pretrained model's own config decides
             positive_int(model[key], f"model.{key}")
@@ -275,7 +278,7 @@ def check_model(model: DictConfig) -> None:
                           "make the hidden size divisible by the number of attention heads")
     if "dropout" in model:
         in_range(model.dropout, "model.dropout", "0.1", 0.0, 1.0, upper_open=True)
-    one_of(model.objective, OBJECTIVES, "model.objective")
+    one_of(model.dtype, DTYPES, "model.dtype")
     if model.get("packaged"):
         packaged_file(model.packaged)
     elif model.get("name_or_path") is not None:
@@ -284,6 +287,19 @@ def check_model(model: DictConfig) -> None:
         if model.name == "hf":
             raise ConfigError("model=hf needs model.name_or_path", "give a hub id or a local folder, e.g. model.name_or_path=bert-base-uncased")
         one_of(model.family, SCRATCH_FAMILIES, "model.family")
+        one_of(model.objective, OBJECTIVES, "model.objective")  # a pretrained model's own when null
+        if model.family == "gpt2" and model.objective != "causal_lm":
+            raise ConfigError(f"model.family=gpt2 has no {model.objective} head", "set model.objective=causal_lm")
+        if model.family == "gpt2" and finetune.input_mask_prob:
+            raise ConfigError("finetune.input_mask_prob replaces tokens by [MASK], and model.family=gpt2's byte-level "
+                              "tokenizer has none", "set finetune.input_mask_prob=0")
+        if model.family == "gpt2" and model.vocab_size <= BYTE_LEVEL_BASE:
+            raise ConfigError(f"model.vocab_size={model.vocab_size} leaves no room for merges above the byte-level "
+                              f"tokenizer's {BYTE_LEVEL_BASE} bytes and special tokens", "e.g. model.vocab_size=8000")
+        return
+    if model.objective is not None:
+        one_of(model.objective, OBJECTIVES, "model.objective")
+    check_objective(model, pretrain)
 
 
 @functools.lru_cache(maxsize=None)

@@ -65,3 +65,57 @@ def task_of(data, tokenizer, max_length: int = 16):
     from maskrun.tasks import build_task
 
     return build_task(data, tokenizer, max_length, OmegaConf.load(files("maskrun.conf") / "config.yaml").eval)
+
+def byte_level_tokenizer(texts: list[str], vocab_size: int, bos: str | None, eos: str):
+    """A hub-style byte-level BPE tokenizer trained here: bos (if any) added in front, and no padding token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = [token for token in (bos, eos) if token is not None]
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    if bos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos)
+
+
+def tiny_decoder_dir(out: Path, config_class, model_class, bos: str | None, eos: str, **config) -> Path:
+    """A random tiny decoder under its causal-LM head and its tokenizer, saved as a hub checkpoint would be."""
+    from omegaconf import OmegaConf
+
+    from maskrun.data import load_corpus
+
+    corpus = load_corpus(OmegaConf.create({"corpus": "movie_dialogs", "corpus_max_texts": 2000, "split_seed": 0}))
+    tokenizer = byte_level_tokenizer(corpus.train, 400, bos, eos)
+    assert tokenizer.pad_token is None
+    torch.manual_seed(0)
+    model = model_class(config_class(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **config))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (untied output embedding) with a Llama-style tokenizer: <s> in front, </s> at the end."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return tiny_decoder_dir(tmp_path_factory.mktemp("tiny_llama"), LlamaConfig, LlamaForCausalLM, "<s>", "</s>",
+                            tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 with tied input/output embeddings and a Qwen2-style tokenizer: no bos, <|endoftext|>."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return tiny_decoder_dir(tmp_path_factory.mktemp("tiny_qwen2"), Qwen2Config, Qwen2ForCausalLM, None,
+                            "<|endoftext|>", tie_word_embeddings=True)

@@ -104,6 +104,10 @@ BAD_COMMAND_LINES = [
     (["model=tiny_gpt", "mask.include=[attention]"], "leave no backbone parameter to mask"),  # GPT-2 says attn
     (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path=/no/such/model does not exist"),
     (["model=hf", "model.name_or_path=an_empty_dir"], "model.name_or_path=an_empty_dir cannot be loaded"),
+    (["model.dtype=fp16"], "model.dtype='fp16' is not supported"),
+    (["model=tiny_gpt", "model.objective=mlm"], "model.family=gpt2 has no mlm head"),
+    (["model=tiny_gpt", "model.vocab_size=200"], "model.vocab_size=200 leaves no room for merges"),
+    (["model=tiny_gpt", "finetune.input_mask_prob=0.1"], "byte-level tokenizer has none"),
     (["dataset.train_size=100000000"], "dataset.train_size=100000000 exceeds the 8925 training examples"),
     (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "seed=0,1"], "hydra.launcher.n_jobs=0"),
     (["-m", "hydra/launcher=slurm", "seed=0,1"], "srun is not on this machine's PATH"),

@@ -114,7 +114,7 @@ def test_masking_chooses_ordinary_tokens_at_the_rate_asked_and_treats_them_as_be
 def test_an_unchanged_model_shows_no_interference_and_a_perturbed_one_shows_its_drift(tmp_path, tokenizer, family, objective):
     mcfg = OmegaConf.create({"family": family, "objective": objective, "name_or_path": None, "hidden_size": 16,
                              "num_layers": 2, "num_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32,
-                             "dropout": 0.0})
+                             "dropout": 0.0, "dtype": "fp32"})
     build_pretraining_model(mcfg, tokenizer).save_pretrained(tmp_path)
     task_model = load_task_model(tmp_path, num_labels=2)
     # The slices split TEXTS; one test text also occurs (in other case and punctuation) in the training split.

@@ -24,7 +24,6 @@ from maskrun.methods import build_method
 from maskrun.methods.base import Context
 from maskrun.methods.lora import adapt
 from maskrun.models import load_task_model
-from maskrun.optim import NO_DECAY
 from maskrun.validate import compose_jobs
 
 CPU = torch.device("cpu")
@@ -84,8 +83,8 @@ def plain_peft_lora(cfg, model, tokenizer, task) -> torch.nn.Module:
                                              target_modules="all-linear", modules_to_save=HEAD_MODULES))
     torch.manual_seed(cfg.seed)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    no_decay = [p for name, p in trainable if any(tag in name for tag in NO_DECAY)]
-    decay = [p for name, p in trainable if not any(tag in name for tag in NO_DECAY)]
+    no_decay = [p for name, p in trainable if p.ndim < 2]  # the HF Trainer's rule: vectors never decay
+    decay = [p for name, p in trainable if p.ndim >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": ocfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=fcfg.lr, betas=tuple(ocfg.betas),
                                   eps=ocfg.eps)

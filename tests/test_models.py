@@ -15,7 +15,7 @@ from maskrun.pretrain import pretrain
 
 TEXTS = [f"a {w} and a {v} went to the {u}" for w in ("cat", "dog", "fox") for v in ("hen", "owl") for u in ("sea", "wood")]
 TINY = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32,
-        "dropout": 0.0, "vocab_size": 200, "name_or_path": None}
+        "dropout": 0.0, "vocab_size": 200, "name_or_path": None, "dtype": "fp32"}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_a_pretrained_model_used_as_is_keeps_the_task_models_names_and_no_head(t
     BertModel(BertConfig(vocab_size=200, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(source)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    save_backbone(str(source), tokenizer, tmp_path / "pretrained")
+    save_backbone(str(source), tokenizer, tmp_path / "pretrained", torch.float32)
     task_model = load_task_model(tmp_path / "pretrained", num_labels=2)
     names = pretrained_names(tmp_path / "pretrained")
     assert names == {n for n in task_model.state_dict() if n.startswith("bert.")}

@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 from conftest import task_of
 from maskrun.data.tasks import Split, TaskData
 from maskrun.data.tokenizer import train_tokenizer
-from maskrun.models import build_pretraining_model
-from maskrun.tasks.base import boundary_tokens, token_loss
+from maskrun.models import boundary_ids, build_pretraining_model
+from maskrun.tasks.base import token_loss
 
 CPU = torch.device("cpu")
 PROBLEMS = [(f"Tom has {a} apples and buys {b} more. How many apples does he have?\nAnswer:", f" {a + b}")
@@ -52,7 +52,7 @@ def causal_task(tokenizer):
 
 def test_instruction_labels_cover_the_response_and_its_end_only(tokenizer):
     task = instruction_task(tokenizer)
-    start, end = boundary_tokens(tokenizer)
+    start, end = boundary_ids(tokenizer)
     examples = task.examples(task.data.train)
     batch = task.collate(examples)
     for row, (prompt, response) in enumerate(examples):

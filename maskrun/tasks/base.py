@@ -50,13 +50,6 @@ class TaskType:
                 "split_sizes": self.data.split_sizes}
 
 
-def boundary_tokens(tokenizer) -> tuple[int, int]:
-    """The tokens that open and close a text, as pretraining packs them: [CLS]/[SEP], else bos/eos."""
-    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    return start, end
-
-
 def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(map(len, rows))
     return torch.tensor([row + [value] * (width - len(row)) for row in rows])

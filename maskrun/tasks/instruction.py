@@ -10,7 +10,8 @@ surrounding whitespace.
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from maskrun.tasks.base import TaskType, boundary_tokens, pad_right, token_loss
+from maskrun.models import boundary_ids
+from maskrun.tasks.base import TaskType, pad_right, token_loss
 
 
 class Instruction(TaskType):
@@ -25,12 +26,11 @@ class Instruction(TaskType):
 
     def window(self, prompt: list[int], room: int) -> list[int]:
         """The start token and the prompt, cut from the left to leave `room` of the max_length tokens free."""
-        start, _ = boundary_tokens(self.tokenizer)
-        head = [] if start is None else [start]
-        return head + prompt[max(0, len(head) + len(prompt) + room - self.max_length):]
+        start, _ = boundary_ids(self.tokenizer)
+        return [start] + prompt[max(0, 1 + len(prompt) + room - self.max_length):]
 
     def examples(self, split):
-        _, end = boundary_tokens(self.tokenizer)
+        _, end = boundary_ids(self.tokenizer)
         prompts = self.tokenizer(split.texts, add_special_tokens=False)["input_ids"]
         responses = self.tokenizer(split.responses, add_special_tokens=False)["input_ids"]
         # A response longer than the window keeps its beginning.
@@ -47,7 +47,7 @@ class Instruction(TaskType):
     @torch.no_grad()
     def generate(self, model, prompts: list[str], device: torch.device) -> list[str]:
         """Greedy generations from the prompts, left-padded so that each continues right after its own prompt."""
-        _, end = boundary_tokens(self.tokenizer)
+        _, end = boundary_ids(self.tokenizer)
         pad = self.tokenizer.pad_token_id
         ids = [self.window(p, self.ecfg.max_new_tokens)
                for p in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
