@@ -1,5 +1,5 @@
-"""Plots of a sweep, one task at a time: what masking costs in accuracy and what it saves in forgetting, and
-how every method's accuracy–forgetting front compares.
+"""Plots of a sweep, one task at a time: what masking costs in the task's metric (accuracy, learning or exact match:
+maskrun.report.task_metric) and what it saves in forgetting, and how every method's metric–forgetting front compares.
 
 In the plots against the frozen share, each mask setting sits at the share of entries its masks
 actually froze (whole layers or whole tensors can realize much less or more than the requested
@@ -15,12 +15,13 @@ matplotlib.use("Agg")  # files only, also on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from maskrun.report.task_metric import ACCURACY, TASK_METRICS, TaskMetric  # noqa: E402
+
 REALIZED = "mask.ratio_actual"
-VALIDATION_ACCURACY, VALIDATION_FORGETTING = "task.validation.accuracy", "interference.validation.forgetting"
-TEST_ACCURACY, TEST_FORGETTING = "task.test.accuracy", "interference.forgetting"
-LABELS = {
-    VALIDATION_ACCURACY: "validation accuracy",
-    TEST_ACCURACY: "test accuracy",
+VALIDATION_FORGETTING, TEST_FORGETTING = "interference.validation.forgetting", "interference.forgetting"
+LABELS = {  # axis label of each plotted column of summary.csv
+    **{metric.validation: f"validation {metric.axis}" for metric in TASK_METRICS.values()},
+    **{metric.test: f"test {metric.axis}" for metric in TASK_METRICS.values()},
     VALIDATION_FORGETTING: "validation forgetting (pretraining loss after − before)",
     TEST_FORGETTING: "test forgetting (pretraining loss after − before)",
 }
@@ -50,53 +51,55 @@ def draw_metric_vs_share(ax, table: pd.DataFrame, metric: str) -> None:
     ax.legend(fontsize=8)
 
 
-def draw_accuracy_vs_forgetting(ax, table: pd.DataFrame, front: pd.Series) -> None:
+def draw_accuracy_vs_forgetting(ax, table: pd.DataFrame, front: pd.Series, metric: TaskMetric = ACCURACY) -> None:
     """On the validation metrics, where the front is chosen."""
-    x, y = f"{VALIDATION_FORGETTING} mean", f"{VALIDATION_ACCURACY} mean"
+    x, y = f"{VALIDATION_FORGETTING} mean", f"{metric.validation} mean"
     for label, curve in curves(table):
         ax.errorbar(curve[x], curve[y], xerr=curve[f"{VALIDATION_FORGETTING} std"].fillna(0),
-                    yerr=curve[f"{VALIDATION_ACCURACY} std"].fillna(0), fmt="o", capsize=3, label=label)
+                    yerr=curve[f"{metric.validation} std"].fillna(0), fmt="o", capsize=3, label=label)
         label_dial_values(ax, curve, x, y)
     best = table[front].sort_values(x)
     ax.plot(best[x], best[y], "k--", lw=1, marker="o", ms=12, mfc="none", label="Pareto front")
-    ax.set(xlabel=LABELS[VALIDATION_FORGETTING] + ", lower is better", ylabel=LABELS[VALIDATION_ACCURACY],
-           title="accuracy vs forgetting (labels: dial value)")
+    ax.set(xlabel=LABELS[VALIDATION_FORGETTING] + ", lower is better", ylabel=LABELS[metric.validation],
+           title=f"{metric.name} vs forgetting (labels: dial value)")
     ax.legend(fontsize=8)
 
 
-def draw_method_fronts(ax, fronts: dict[str, pd.DataFrame], levels: list[float]) -> None:
-    """Each method's front at its validation accuracy (where fronts are chosen and matched) and its test forgetting
-    (reported), with the std over seeds of both as error bars; dotted lines at the accuracy levels compared."""
-    x, y = f"{VALIDATION_ACCURACY} mean", f"{TEST_FORGETTING} mean"
+def draw_method_fronts(ax, fronts: dict[str, pd.DataFrame], levels: list[float], metric: TaskMetric = ACCURACY) -> None:
+    """Each method's front at its validation metric (where fronts are chosen and matched) and its test forgetting
+    (reported), with the std over seeds of both as error bars; dotted lines at the metric's levels compared."""
+    x, y = f"{metric.validation} mean", f"{TEST_FORGETTING} mean"
     for label, front in fronts.items():
-        ax.errorbar(front[x], front[y], xerr=front[f"{VALIDATION_ACCURACY} std"].fillna(0),
+        ax.errorbar(front[x], front[y], xerr=front[f"{metric.validation} std"].fillna(0),
                     yerr=front[f"{TEST_FORGETTING} std"].fillna(0), marker="o", capsize=3, label=label)
         label_dial_values(ax, front, x, y)
     for level in levels:
         ax.axvline(level, color="grey", ls=":", lw=0.8)
-    ax.set(xlabel="validation accuracy (chooses and matches)", ylabel="test forgetting, lower is better")
-    ax.set_title("each method's front (labels: dial value)\ndotted: the accuracy levels compared", fontsize=9)
+    ax.set(xlabel=f"{LABELS[metric.validation]} (chooses and matches)", ylabel="test forgetting, lower is better")
+    ax.set_title(f"each method's front (labels: dial value)\ndotted: the {metric.name} levels compared", fontsize=9)
     ax.legend(fontsize=8)
 
 
-def sweep_plots(sweep_dir: Path, task: str, table: pd.DataFrame, front: pd.Series) -> list[str]:
-    """Draws the task's plots into sweep_dir/plots; returns their paths relative to sweep_dir."""
+def sweep_plots(sweep_dir: Path, task: str, table: pd.DataFrame, front: pd.Series, metric: TaskMetric) -> list[str]:
+    """Draws the task's plots into sweep_dir/plots, named after its metric (e.g. <task>_learning_vs_ratio.png);
+    returns their paths relative to sweep_dir."""
     (sweep_dir / "plots").mkdir(exist_ok=True)
     drawn = []
     masks = table[table["method"] == "mask"]
-    for metric, name in ((TEST_ACCURACY, "accuracy_vs_ratio"), (TEST_FORGETTING, "forgetting_vs_ratio")):
-        if masks[f"{metric} mean"].notna().any():
-            drawn.append(save(sweep_dir, f"plots/{task}_{name}.png", draw_metric_vs_share, table, metric))
+    for column, name in ((metric.test, f"{metric.key}_vs_ratio"), (TEST_FORGETTING, "forgetting_vs_ratio")):
+        if masks[f"{column} mean"].notna().any():
+            drawn.append(save(sweep_dir, f"plots/{task}_{name}.png", draw_metric_vs_share, table, column))
     if front.any():
-        drawn.append(save(sweep_dir, f"plots/{task}_accuracy_vs_forgetting.png", draw_accuracy_vs_forgetting,
-                          table, front))
+        drawn.append(save(sweep_dir, f"plots/{task}_{metric.key}_vs_forgetting.png", draw_accuracy_vs_forgetting,
+                          table, front, metric))
     return drawn
 
 
-def method_fronts_plot(sweep_dir: Path, task: str, fronts: dict[str, pd.DataFrame], levels: list[float]) -> str:
+def method_fronts_plot(sweep_dir: Path, task: str, fronts: dict[str, pd.DataFrame], levels: list[float],
+                       metric: TaskMetric) -> str:
     """Draws plots/<task>_method_fronts.png; returns its path relative to sweep_dir."""
     (sweep_dir / "plots").mkdir(exist_ok=True)
-    return save(sweep_dir, f"plots/{task}_method_fronts.png", draw_method_fronts, fronts, levels)
+    return save(sweep_dir, f"plots/{task}_method_fronts.png", draw_method_fronts, fronts, levels, metric)
 
 
 def save(sweep_dir: Path, path: str, draw, *args) -> str:

@@ -1,4 +1,5 @@
-"""The run's human report: report.md, plots/*.png, and a rich table in the terminal."""
+"""The run's human report: report.md, plots/*.png, and a rich table in the terminal, in the task's own metric
+(accuracy, learning or exact match: maskrun.report.task_metric) and the other test numbers of its task type."""
 
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ from maskrun.masks import tied_share_warning
 from maskrun.masks.analytics import mask_report
 from maskrun.progress import console
 from maskrun.report.interference import plot_interference_per_layer
+from maskrun.report.task_metric import TaskMetric, task_metric
 
 
 def fmt(value, digits: int = 4) -> str:
@@ -19,6 +21,16 @@ def fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def run_metric(metrics: dict) -> TaskMetric:
+    return task_metric((metrics.get("task") or {}).get("metric"))
+
+
+def task_numbers(metric: TaskMetric, results: dict) -> list[tuple[str, str]]:
+    """The metric and the task type's other numbers in `results` (a split's task results), by name."""
+    return [(metric.name, fmt(results.get(metric.key)))] + [(name, fmt(results.get(key)))
+                                                            for key, name in metric.beside.items()]
+
+
 def key_numbers(metrics: dict) -> list[tuple[str, str]]:
     task, interference, mask = metrics.get("task") or {}, metrics.get("interference") or {}, metrics.get("mask") or {}
     test, method = task.get("test") or {}, metrics.get("method") or {}
@@ -27,8 +39,7 @@ def key_numbers(metrics: dict) -> list[tuple[str, str]]:
         ("status", metrics["status"]),
         ("method", f"{method.get('name', 'mask')} ({dial['key']}={dial['value']})" if dial else method.get("name", "mask")),
         ("mask", f"{mask.get('strategy', '–')} r={fmt(mask.get('ratio'), 2)} (actual {fmt(mask.get('ratio_actual'))})"),
-        ("test accuracy", fmt(test.get("accuracy"))),
-        ("test macro-F1", fmt(test.get("macro_f1"))),
+        *((f"test {name}", value) for name, value in task_numbers(run_metric(metrics), test)),
         ("forgetting", fmt(interference.get("forgetting"))),
         ("KL on task inputs", fmt(interference.get("kl_task"), 6)),
         ("CKA", fmt(interference.get("cka"))),
@@ -48,7 +59,7 @@ def print_summary(run_dir: Path, metrics: dict) -> None:
     console.print(table)
 
 
-def plot_curves(run_dir: Path, history: dict, pretrain_history: list) -> list[str]:
+def plot_curves(run_dir: Path, history: dict, pretrain_history: list, metric: TaskMetric) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,24 +74,24 @@ def plot_curves(run_dir: Path, history: dict, pretrain_history: list) -> list[st
     axes[1].set(title="fine-tuning", xlabel="step", ylabel="loss")
     if history["validation"]:
         twin = axes[1].twinx()
-        twin.plot([h["step"] for h in history["validation"]], [h["accuracy"] for h in history["validation"]],
-                  "o-", color="C1", label="validation accuracy")
-        twin.set_ylabel("validation accuracy")
+        twin.plot([h["step"] for h in history["validation"]], [h[metric.key] for h in history["validation"]],
+                  "o-", color="C1", label=f"validation {metric.axis}")
+        twin.set_ylabel(f"validation {metric.axis}")
     fig.tight_layout()
     fig.savefig(run_dir / "plots" / "loss_curves.png", dpi=110)
     plt.close(fig)
     return ["plots/loss_curves.png"]
 
 
-def controls_lines(controls: dict | None) -> list[str]:
+def controls_lines(controls: dict | None, metric: TaskMetric) -> list[str]:
     if not controls:
         return []
     gain = controls["pretraining_gain"]
     verdict = "pretraining helped" if gain > 0 else "pretraining did not help: the model fine-tuned from random init did as well or better"
+    scratch = ", ".join(f"{name} {value}" for name, value in task_numbers(metric, controls["scratch"]["test"]))
     return ["", "## Controls", "",
-            f"Same task model fine-tuned from random initialisation: test accuracy {fmt(controls['scratch']['test']['accuracy'])}, "
-            f"macro-F1 {fmt(controls['scratch']['test']['macro_f1'])}. Pretraining gain (accuracy − scratch's) "
-            f"{gain:+.4f}: {verdict}."]
+            f"Same task model fine-tuned from random initialisation: test {scratch}. Pretraining gain "
+            f"({metric.name} − scratch's) {gain:+.4f}: {verdict}."]
 
 
 def sequential_lines(sequential: dict | None) -> list[str]:
@@ -105,13 +116,18 @@ def write_run_report(run_dir: Path, metrics: dict) -> None:
     lines += ["", "## Configuration", "", "| group | choice |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(metrics["choices"].items())]
     lines += ["", f"Overrides: `{' '.join(metrics['overrides']) or '(none)'}`  ", f"Seed {metrics['seed']}, device {metrics['device']}."]
-    task = metrics.get("task")
+    task, metric = metrics.get("task"), run_metric(metrics)
     if task:
-        lines += ["", "## Task", "", f"{task['name']}: labels {task['labels']}, split sizes {task['split_sizes']}.", "",
-                  "| split | accuracy | macro-F1 |", "|---|---|---|"]
+        # A classification task names its labels; the generative types name their type and what their metric means.
+        kind = f"labels {task['labels']}" if task.get("labels") else f"a {task['type']} task"
+        meaning = f" Its {metric.meaning}." if metric.meaning else ""
+        names = [name for name, _ in task_numbers(metric, {})]
+        lines += ["", "## Task", "", f"{task['name']}: {kind}, split sizes {task['split_sizes']}.{meaning}", "",
+                  "| split | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for split in ("validation", "test"):
             if task.get(split):
-                lines.append(f"| {split} | {fmt(task[split]['accuracy'])} | {fmt(task[split]['macro_f1'])} |")
+                lines.append(f"| {split} | " + " | ".join(value for _, value in task_numbers(metric, task[split]))
+                             + " |")
     interference = metrics.get("interference")
     if interference:
         lines += ["", "## Interference", "",
@@ -122,7 +138,7 @@ def write_run_report(run_dir: Path, metrics: dict) -> None:
                   f"the pretraining head's predictions on the task's test inputs {fmt(interference.get('kl_task'), 6)}."]
         plot = plot_interference_per_layer(run_dir, interference)
         lines += ["", f"![{plot}]({plot})"]
-    lines += controls_lines(metrics.get("controls")) + sequential_lines(metrics.get("sequential"))
+    lines += controls_lines(metrics.get("controls"), metric) + sequential_lines(metrics.get("sequential"))
     mask = metrics.get("mask")
     if mask:
         lines += ["", "## Mask", "", f"{mask['frozen']:,} of {mask['eligible']:,} eligible entries frozen "
@@ -137,7 +153,7 @@ def write_run_report(run_dir: Path, metrics: dict) -> None:
         pretrained = (metrics.get("artifacts") or {}).get("pretrained")
         pretrain_history_path = Path(pretrained or "") / "pretrain_history.json"
         pretrain_history = json.loads(pretrain_history_path.read_text()) if pretrained and pretrain_history_path.exists() else []
-        for plot in plot_curves(run_dir, json.loads(history_path.read_text()), pretrain_history):
+        for plot in plot_curves(run_dir, json.loads(history_path.read_text()), pretrain_history, metric):
             lines += ["", f"![{plot}]({plot})"]
     lines += ["", f"Timing (s): {metrics['timing']}  ", f"Memory: {metrics.get('memory')}", ""]
     (run_dir / "report.md").write_text("\n".join(lines))

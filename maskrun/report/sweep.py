@@ -4,6 +4,9 @@ It reads only the job dirs' metrics.json files, so it can be rebuilt at any time
 crashed or partial sweep: a job dir that Hydra started but that holds no metrics.json is a row
 with status `incomplete`. Jobs of different methods are never merged: each is a setting of its
 method, and the methods are compared at matched validation accuracy (maskrun.report.compare).
+
+Each task is reported in its own metric, the one its jobs recorded as `task.metric` (accuracy for
+classification, learning for causal_lm, exact match for instruction: maskrun.report.task_metric).
 """
 
 import json
@@ -18,14 +21,11 @@ from rich.table import Table
 from maskrun.masks.analytics import mask_overlap
 from maskrun.progress import console
 from maskrun.report import compare, plots
+from maskrun.report.task_metric import ACCURACY, TaskMetric, task_metric
 
 REALIZED = plots.REALIZED
-VALIDATION_ACCURACY, VALIDATION_FORGETTING = plots.VALIDATION_ACCURACY, plots.VALIDATION_FORGETTING
-TEST_ACCURACY, TEST_FORGETTING = plots.TEST_ACCURACY, plots.TEST_FORGETTING
-METRICS = {  # column of summary.csv: its name in the report. Validation chooses, test is reported.
-    VALIDATION_ACCURACY: "validation accuracy",
-    TEST_ACCURACY: "test accuracy",
-    "task.test.macro_f1": "test macro-F1",
+VALIDATION_FORGETTING, TEST_FORGETTING = plots.VALIDATION_FORGETTING, plots.TEST_FORGETTING
+INTERFERENCE = {  # column of summary.csv: its name in the report
     VALIDATION_FORGETTING: "validation forgetting",
     TEST_FORGETTING: "test forgetting",
     "interference.kl_task": "KL task",
@@ -35,9 +35,9 @@ METRICS = {  # column of summary.csv: its name in the report. Validation chooses
 # One group of seeds: a method at one value of its dial (`dial`, e.g. finetune.lr=0.001; a mask job's is its requested
 # mask.ratio) under one mask and other swept settings.
 SETTING = ["task.name", "method", "mask.strategy", "mask.ratio", "dial", "setting"]
-CHOOSING = ("Settings are chosen on validation metrics: the best setting has the highest mean validation accuracy, "
-            "the Pareto fronts are drawn on validation accuracy and validation forgetting, and methods are matched "
-            "at validation accuracy. Test metrics are reported beside them and never used to choose.")
+CHOOSING = ("Settings are chosen on validation metrics: the best setting has the highest mean validation {metric}, "
+            "the Pareto fronts are drawn on validation {metric} and validation forgetting, and methods are matched "
+            "at validation {metric}. Test metrics are reported beside them and never used to choose.")
 RATIOS = ("`ratio` is the requested `mask.ratio`, `realized` the share of eligible entries actually frozen "
           "(`mask.ratio_actual`, mean over seeds); the plots place each setting at its realized share.")
 
@@ -77,6 +77,19 @@ def summary_table(sweep_dir: Path) -> pd.DataFrame:
         if frame[name].map(lambda v: isinstance(v, list)).any():
             frame[name] = frame[name].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
     return frame
+
+
+def task_metrics(summary: pd.DataFrame) -> dict[str, TaskMetric]:
+    """Each task's metric, as its finished jobs recorded it (a task's jobs share one task type)."""
+    ok = summary[summary["status"] == "ok"]
+    return {task: task_metric(key) for task, key in zip(column(ok, "task.name"), column(ok, "task.metric"))}
+
+
+def metric_columns(metric: TaskMetric) -> dict[str, str]:
+    """The report's columns of summary.csv for a task of this metric, and their names. Validation chooses, test is
+    reported, beside the task type's other test numbers and the interference measures."""
+    return {metric.validation: f"validation {metric.name}", metric.test: f"test {metric.name}",
+            **{f"task.test.{key}": f"test {name}" for key, name in metric.beside.items()}, **INTERFERENCE}
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
@@ -125,13 +138,14 @@ def varying_overrides(overrides: list[list[str]], dial_keys: list) -> list[str]:
 
 
 def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std and count over seeds of the realized share and each metric, per task × method × strategy ×
-    requested ratio × dial value (× other swept settings), with each setting's method `label`
+    """Mean, std and count over seeds of the realized share and each metric of the tasks' types, per task × method ×
+    strategy × requested ratio × dial value (× other swept settings), with each setting's method `label`
     (maskrun.report.compare.method_label). A metric no job recorded is a column of NaN."""
     ok = summary[summary["status"] == "ok"]
     if ok.empty:
         return pd.DataFrame(columns=[*SETTING, "label"])
-    columns = [REALIZED, *METRICS]
+    metrics = task_metrics(summary).values()
+    columns = [REALIZED, *dict.fromkeys(name for metric in metrics for name in metric_columns(metric))]  # once each
     values = ok[SETTING].join(ok.reindex(columns=columns).apply(pd.to_numeric, errors="coerce"))  # null: NaN
     groups = values.groupby(SETTING, dropna=False)[columns]
     table = groups.agg(["mean", "std"])
@@ -164,78 +178,83 @@ def setting_name(row: pd.Series) -> str:
     return f"{row['method']}{with_mask} {shown_setting(row)}".strip()
 
 
-def task_section(task: str, table: pd.DataFrame, front: pd.Series) -> list[str]:
-    lines = [f"## Task {task}", "", "Mean ± std over seeds (completed jobs only). " + RATIOS, "",
-             "| method | strategy | ratio | realized | setting | seeds | " + " | ".join(METRICS.values()) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(METRICS)]
+def task_section(task: str, table: pd.DataFrame, front: pd.Series, metric: TaskMetric) -> list[str]:
+    columns = metric_columns(metric)
+    meaning = f" In this task {metric.meaning}." if metric.meaning else ""
+    lines = [f"## Task {task}", "", "Mean ± std over seeds (completed jobs only). " + RATIOS + meaning, "",
+             "| method | strategy | ratio | realized | setting | seeds | " + " | ".join(columns.values()) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(columns)]
     for _, row in table.iterrows():
         cells = [row["method"], row["mask.strategy"], f"{row['mask.ratio']:g}", mean_std(row, REALIZED, digits=3),
                  shown_setting(row) or "–", str(row["seeds"])]
-        lines.append("| " + " | ".join(cells + [mean_std(row, m) for m in METRICS]) + " |")
-    return lines + ["", best_setting(table), "", front_line(table, front)]
+        lines.append("| " + " | ".join(cells + [mean_std(row, m) for m in columns]) + " |")
+    return lines + ["", best_setting(table, metric), "", front_line(table, front, metric)]
 
 
-def best_setting(table: pd.DataFrame) -> str:
-    """The setting of highest mean validation accuracy, with its test numbers beside it."""
-    accuracy = table[f"{VALIDATION_ACCURACY} mean"]
-    if accuracy.isna().all():
-        return (f"**Best setting**: none chosen: no job recorded validation accuracy (`{VALIDATION_ACCURACY}`), "
-                "and test accuracy is never used to choose.")
-    best = table.loc[accuracy.idxmax()]
-    return (f"**Best setting** (highest mean validation accuracy): {setting_name(best)}: validation accuracy "
-            f"{mean_std(best, VALIDATION_ACCURACY)}; reported on test: accuracy {mean_std(best, TEST_ACCURACY)}, "
+def best_setting(table: pd.DataFrame, metric: TaskMetric) -> str:
+    """The setting of highest mean validation metric, with its test numbers beside it."""
+    validation = table[f"{metric.validation} mean"]
+    if validation.isna().all():
+        return (f"**Best setting**: none chosen: no job recorded validation {metric.name} (`{metric.validation}`), "
+                f"and test {metric.name} is never used to choose.")
+    best = table.loc[validation.idxmax()]
+    return (f"**Best setting** (highest mean validation {metric.name}): {setting_name(best)}: validation {metric.name} "
+            f"{mean_std(best, metric.validation)}; reported on test: {metric.name} {mean_std(best, metric.test)}, "
             f"forgetting {mean_std(best, TEST_FORGETTING)}.")
 
 
-def front_line(table: pd.DataFrame, front: pd.Series) -> str:
+def front_line(table: pd.DataFrame, front: pd.Series, metric: TaskMetric) -> str:
     """The Pareto front's settings, or why there is none: it needs validation forgetting, never test forgetting."""
     if not front.any():
-        return (f"**Pareto front**: none drawn: no setting recorded both validation accuracy and validation forgetting "
-                f"(`{VALIDATION_FORGETTING}`), and test forgetting is never used to choose.")
+        return (f"**Pareto front**: none drawn: no setting recorded both validation {metric.name} and validation "
+                f"forgetting (`{VALIDATION_FORGETTING}`), and test forgetting is never used to choose.")
     left_out = int(table[f"{VALIDATION_FORGETTING} mean"].isna().sum())
     note = f" {left_out} setting(s) without validation forgetting are left out." if left_out else ""
-    return ("**Pareto front** (no other setting has both higher validation accuracy and lower validation forgetting): "
-            + "; ".join(setting_name(row) for _, row in table[front].iterrows()) + "." + note)
+    return (f"**Pareto front** (no other setting has both higher validation {metric.name} and lower validation "
+            "forgetting): " + "; ".join(setting_name(row) for _, row in table[front].iterrows()) + "." + note)
 
 
 MATCHED = ("Each method's points are its settings, one per value of its dial (`finetune.lr` for full, `mask.ratio` "
            "for a mask, whose curves are drawn per strategy), mean ± std over seeds. A method's front is its points "
-           "that no other point of the same method beats on both validation accuracy (higher) and validation "
+           "that no other point of the same method beats on both validation {metric} (higher) and validation "
            "forgetting (lower).")
-LEVELS = ("Test forgetting at common validation accuracy levels (evenly spaced over every front's range, and the "
-          "level the headline compares at), interpolated linearly along each front in order of validation accuracy "
+LEVELS = ("Test forgetting at common validation {metric} levels (evenly spaced over every front's range, and the "
+          "level the headline compares at), interpolated linearly along each front in order of validation {metric} "
           "(in brackets: validation forgetting, on which the headline chooses). No extrapolation: "
           f"\"{compare.NOT_REACHED}\" means the level lies outside that method's front.")
 
 
-def matched_section(sweep_dir: Path, task: str, table: pd.DataFrame, fronts: dict[str, pd.DataFrame]) -> list[str]:
-    """A task's method points and fronts, its forgetting at common validation accuracy levels, and their plot."""
-    lines = [f"### {task}", "", MATCHED, "",
-             "| method | dial | setting | seeds | validation accuracy | validation forgetting | test accuracy | "
+def matched_section(sweep_dir: Path, task: str, table: pd.DataFrame, fronts: dict[str, pd.DataFrame],
+                    metric: TaskMetric) -> list[str]:
+    """A task's method points and fronts, its forgetting at common validation metric levels, and their plot."""
+    name = metric.name
+    lines = [f"### {task}", "", MATCHED.format(metric=name), "",
+             f"| method | dial | setting | seeds | validation {name} | validation forgetting | test {name} | "
              "test forgetting | on front |", "|---|---|---|---|---|---|---|---|---|"]
     for label, points in table.groupby("label", sort=True):
-        on_front = compare.pareto_front(points)
+        on_front = compare.pareto_front(points, metric)
         for index, row in points.iterrows():
             cells = [label, row["dial"] or "–", row["setting"] or "–", str(row["seeds"])]
-            cells += [mean_std(row, m) for m in (VALIDATION_ACCURACY, VALIDATION_FORGETTING, TEST_ACCURACY,
+            cells += [mean_std(row, m) for m in (metric.validation, VALIDATION_FORGETTING, metric.test,
                                                    TEST_FORGETTING)]
             lines.append("| " + " | ".join(cells + ["yes" if on_front[index] else "–"]) + " |")
     if not fronts:
-        return lines + ["", "No front: no setting recorded both validation accuracy and validation forgetting.", ""]
-    levels = compare.accuracy_levels(fronts)
-    lines += ["", LEVELS, "", "| validation accuracy | " + " | ".join(fronts) + " |", "|---|" + "---|" * len(fronts)]
+        return lines + ["", f"No front: no setting recorded both validation {name} and validation forgetting.", ""]
+    levels = compare.accuracy_levels(fronts, metric)
+    lines += ["", LEVELS.format(metric=name), "", f"| validation {name} | " + " | ".join(fronts) + " |",
+              "|---|" + "---|" * len(fronts)]
     for level in levels:
-        cells = [matched_cell(front, level) for front in fronts.values()]
+        cells = [matched_cell(front, level, metric) for front in fronts.values()]
         lines.append(f"| {level:.4f} | " + " | ".join(cells) + " |")
-    plot = plots.method_fronts_plot(sweep_dir, task, fronts, levels)
+    plot = plots.method_fronts_plot(sweep_dir, task, fronts, levels, metric)
     return lines + ["", f"![{plot}]({plot})", ""]
 
 
-def matched_cell(front: pd.DataFrame, level: float) -> str:
-    test = compare.at_accuracy(front, level, TEST_FORGETTING)
+def matched_cell(front: pd.DataFrame, level: float, metric: TaskMetric) -> str:
+    test = compare.at_accuracy(front, level, TEST_FORGETTING, metric)
     if test is None:
         return compare.NOT_REACHED
-    return f"{test:.4f} ({compare.at_accuracy(front, level, VALIDATION_FORGETTING):.4f})"
+    return f"{test:.4f} ({compare.at_accuracy(front, level, VALIDATION_FORGETTING, metric):.4f})"
 
 
 def correlation_section(summary: pd.DataFrame) -> list[str]:
@@ -267,24 +286,28 @@ def write_sweep_report(sweep_dir: Path) -> pd.DataFrame:
     summary = summary_table(sweep_dir)
     summary.to_csv(sweep_dir / "summary.csv", index=False)
     tasks = dict(list(aggregate(summary).groupby("task.name")))
-    fronts = {task: compare.method_fronts(table) for task, table in tasks.items()}
+    metrics = task_metrics(summary)
+    fronts = {task: compare.method_fronts(table, metrics[task]) for task, table in tasks.items()}
     finished = {label for table in tasks.values() for label in table["label"]}
     unfinished = sorted(set(job_labels(summary)) - finished)
-    headlines = [compare.headline(task, fronts[task], sorted(table["label"].unique()), unfinished)
+    headlines = [compare.headline(task, fronts[task], sorted(table["label"].unique()), unfinished, metrics[task])
                  for task, table in tasks.items()]
     counts = summary["status"].value_counts().to_dict()
+    # The metric names of the finished tasks (none finished: the default task type's, classification's).
+    chosen_on = " or ".join(dict.fromkeys(metric.name for metric in metrics.values())) or ACCURACY.name
     lines = [f"# maskrun sweep · {sweep_dir}", "",
              *(headlines or ["No job finished, so no method can be compared."]), "",
              f"{len(summary)} jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".",
-             "Every job, with all its metrics: `summary.csv`.", "", CHOOSING, ""]
+             "Every job, with all its metrics: `summary.csv`.", "", CHOOSING.format(metric=chosen_on), ""]
     for task, table in tasks.items():
-        front = compare.pareto_front(table)
-        lines += task_section(task, table, front)
-        lines += [""] + [f"![{plot}]({plot})" for plot in plots.sweep_plots(sweep_dir, task, table, front)] + [""]
+        front = compare.pareto_front(table, metrics[task])
+        lines += task_section(task, table, front, metrics[task])
+        lines += [""] + [f"![{plot}]({plot})" for plot in plots.sweep_plots(sweep_dir, task, table, front,
+                                                                            metrics[task])] + [""]
     if tasks:
         lines += ["## Matched accuracy", ""]
         for task, table in tasks.items():
-            lines += matched_section(sweep_dir, task, table, fronts[task])
+            lines += matched_section(sweep_dir, task, table, fronts[task], metrics[task])
     lines += correlation_section(summary)
     lines += overlap_section(job_dirs(sweep_dir))
     failed = summary[summary["status"] != "ok"]
@@ -311,15 +334,19 @@ def overlap_section(dirs: list[Path]) -> list[str]:
 
 
 def print_sweep_table(sweep_dir: Path, summary: pd.DataFrame) -> None:
-    """Per task, the report's table (without macro-F1 and kl_task, to fit a terminal), then the jobs that are not ok."""
-    metrics = [m for m in METRICS if m not in ("task.test.macro_f1", "interference.kl_task")]
+    """Per task, the report's table (without the task type's other test numbers and kl_task, to fit a terminal), then
+    the jobs that are not ok."""
+    metrics = task_metrics(summary)
     for task, table in aggregate(summary).groupby("task.name"):
+        metric = metrics[task]
+        shown = {name: header for name, header in metric_columns(metric).items()
+                 if name not in {f"task.test.{key}" for key in metric.beside} | {"interference.kl_task"}}
         view = Table(title=f"maskrun sweep · {task} · {sweep_dir}")
-        for column in ["method", "strategy", "ratio", "realized", "setting", "seeds"] + [METRICS[m] for m in metrics]:
-            view.add_column(column, overflow="fold")  # wrap, never hide, in a narrow terminal
+        for header in ["method", "strategy", "ratio", "realized", "setting", "seeds", *shown.values()]:
+            view.add_column(header, overflow="fold")  # wrap, never hide, in a narrow terminal
         for _, row in table.iterrows():
             view.add_row(row["method"], row["mask.strategy"], f"{row['mask.ratio']:g}", mean_std(row, REALIZED, digits=3),
-                         shown_setting(row) or "–", str(row["seeds"]), *[mean_std(row, m, digits=3) for m in metrics])
+                         shown_setting(row) or "–", str(row["seeds"]), *[mean_std(row, m, digits=3) for m in shown])
         console.print(view)
     for _, row in summary[summary["status"] != "ok"].iterrows():
         console.print(f"[red]job {row['job']} {row['status']}[/red]: {row['error']}")
