@@ -66,6 +66,7 @@ def task_of(data, tokenizer, max_length: int = 16):
 
     return build_task(data, tokenizer, max_length, OmegaConf.load(files("maskrun.conf") / "config.yaml").eval)
 
+
 def byte_level_tokenizer(texts: list[str], vocab_size: int, bos: str | None, eos: str):
     """A hub-style byte-level BPE tokenizer trained here: bos (if any) added in front, and no padding token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
