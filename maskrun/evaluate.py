@@ -31,8 +31,9 @@ def pretraining_loss(model, inputs: torch.Tensor, labels: torch.Tensor, objectiv
     total, count = 0.0, 0
     for i in range(0, len(inputs), batch_size):
         batch_inputs, batch_labels = inputs[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
-        # A causal LM predicts every labelled token but the first of each block.
-        n = int(batch_labels.ne(-100).sum()) - (len(batch_labels) if objective == "causal_lm" else 0)
+        # A causal LM predicts each labelled token from the ones before it: never a block's first.
+        predicted = batch_labels[:, 1:] if objective == "causal_lm" else batch_labels
+        n = int(predicted.ne(-100).sum())
         total += objective_loss(model, batch_inputs, batch_labels, objective).item() * n
         count += n
     return total / count

@@ -32,7 +32,7 @@ def decoder_dir(tmp_path_factory, tokenizer):
     out = tmp_path_factory.mktemp("decoder")
     mcfg = OmegaConf.create({"family": "gpt2", "objective": "causal_lm", "name_or_path": None, "hidden_size": 16,
                              "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
-                             "dropout": 0.0})
+                             "dropout": 0.0, "dtype": "fp32"})
     torch.manual_seed(0)
     build_pretraining_model(mcfg, tokenizer).save_pretrained(out)
     return out
@@ -127,3 +127,24 @@ def test_forgetting_reads_a_language_model_task_as_it_is(tokenizer, decoder_dir)
     for task in (causal_task(tokenizer), instruction_task(tokenizer)):
         model = task.load_model(decoder_dir)
         assert task.pretraining_view(object(), model) is model
+
+
+def test_the_pretraining_loss_weighs_every_predicted_token_once_whatever_the_batching(tokenizer, decoder_dir):
+    # Blocks that open with an unlabelled token (a tokenizer whose pad is its start token, as with a pad set to eos)
+    # and hold different numbers of labels: per-batch means must be weighted by the tokens they predict.
+    from maskrun.evaluate import pretraining_loss
+    from maskrun.models import load_pretraining_model
+
+    model = load_pretraining_model(decoder_dir, "causal_lm")
+    torch.manual_seed(0)
+    inputs = torch.randint(5, len(tokenizer), (4, 12))
+    labels = inputs.clone()
+    labels[:, 0] = -100
+    labels[0, 6:] = -100
+    labels[2, 3:] = -100
+    with torch.no_grad():
+        logits = model(input_ids=inputs).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    for batch_size in (1, 3, 4):
+        assert pretraining_loss(model, inputs, labels, "causal_lm", CPU, batch_size) == pytest.approx(expected.item(),
+                                                                                                     rel=1e-5)
