@@ -403,6 +403,15 @@ def check_task_type(cfg: DictConfig) -> None:
     if not isinstance(cfg.finetune.gradient_checkpointing, bool):
         raise ConfigError(f"finetune.gradient_checkpointing={cfg.finetune.gradient_checkpointing!r} is not true or false",
                           "e.g. finetune.gradient_checkpointing=true")
+    pattern = cfg.eval.answer_pattern
+    if pattern is not None:
+        try:
+            groups = re.compile(pattern).groups
+        except (re.error, TypeError) as err:
+            raise ConfigError(f"eval.answer_pattern={pattern!r} is not a valid regex: {err}", "fix the pattern") from None
+        if groups != 1:
+            raise ConfigError(f"eval.answer_pattern={pattern!r} has {groups} groups, not 1",
+                              "mark the answer with one group, e.g. 'The answer is: (.*)'")
     if kind == "classification":
         return
     from maskrun.models import pretraining_objective  # transformers, only for the task types that need it

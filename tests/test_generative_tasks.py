@@ -95,6 +95,8 @@ def test_replay_on_a_causal_lm_task_replays_through_the_task_model(tmp_path):
     (["experiment=[smoke,code_shift]", "eval.controls=[scratch]"], "eval.controls=[scratch]"),
     (["experiment=[smoke,instruct,sequential]"], "experiment=sequential"),
     (["experiment=[smoke,instruct]", "finetune.gradient_checkpointing=maybe"], "finetune.gradient_checkpointing"),
+    (["experiment=[smoke,instruct]", "eval.answer_pattern='The answer is: .*'"], "has 0 groups"),
+    (["experiment=[smoke,instruct]", "eval.answer_pattern='(unclosed'"], "not a valid regex"),
 ])
 def test_what_a_task_type_cannot_do_is_refused_before_any_work(tmp_path, overrides, message):
     result = run_cli(overrides, tmp_path)

@@ -100,6 +100,15 @@ def test_exact_match_counts_generations_equal_to_the_response(tokenizer, decoder
     assert set(result) == {"loss", "perplexity", "exact_match"}
 
 
+def test_an_answer_pattern_compares_the_final_answers_only(tokenizer):
+    task = instruction_task(tokenizer)
+    task.ecfg = OmegaConf.merge(task.ecfg, {"answer_pattern": "The answer is: (.*)"})
+    reference = "Add 3 and 4 to get 7. The answer is: 7"
+    assert task.answer("3 + 4 = 7, so... The answer is: 7 ") == task.answer(reference) == "7"
+    assert task.answer("The answer is: 6\nNo wait.\nThe answer is: 8") == "8" != task.answer(reference)
+    assert task.answer("no answer given") is None != task.answer(reference)
+
+
 def test_causal_lm_learning_is_the_drop_from_the_pretrained_loss(tokenizer, decoder_dir):
     task = causal_task(tokenizer)
     model = task.load_model(decoder_dir)

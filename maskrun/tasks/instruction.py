@@ -4,8 +4,11 @@ An example is the start token, the prompt, the response and the end-of-text toke
 tokens (a long prompt loses its beginning, so its closing cue stays); prompt positions carry label −100, as
 the decoder-input masking of instruction tuning does. Generation is greedy from the prompt, for at most
 `eval.max_new_tokens` tokens or until end of text; a generation matches when it equals the response up to
-surrounding whitespace.
+surrounding whitespace — or, with `eval.answer_pattern` (a regex with one group), when the last match of the
+group in each is the same (the final answer of a worked solution).
 """
+
+import re
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -67,8 +70,15 @@ class Instruction(TaskType):
         result = token_loss(model, (self.collate(examples[i:i + size]) for i in range(0, len(examples), size)), device)
         generated = [text for i in range(0, len(data), size)
                      for text in self.generate(model, data.texts[i:i + size], device)]
-        matches = sum(g.strip() == r.strip() for g, r in zip(generated, data.responses))
+        matches = sum(self.answer(g) == self.answer(r) for g, r in zip(generated, data.responses))
         return result | {"exact_match": matches / len(data)}
+
+    def answer(self, text: str) -> str | None:
+        """What exact match compares: the text, or the last match of eval.answer_pattern's group (None: no answer)."""
+        if self.ecfg.answer_pattern is None:
+            return text.strip()
+        found = re.findall(self.ecfg.answer_pattern, text)
+        return found[-1].strip() if found else None
 
     def pretraining_view(self, pretrained, finetuned):
         return finetuned
