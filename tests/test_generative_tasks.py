@@ -60,12 +60,13 @@ def test_instruct_records_exact_match_of_greedy_generations(presets):
     ("arithmetic", SMALL_ARITHMETIC, "instruction", "exact_match"),
     ("python_code", SMALL_CODE, "causal_lm", "learning"),
 ])
-def test_a_hub_style_decoder_used_as_is_runs_every_generative_task(request, tmp_path, decoder, dataset, extra,
+def test_a_hub_style_decoder_used_as_is_runs_every_generative_task_under_a_gradient_mask(request, tmp_path, decoder, dataset, extra,
                                                                     task_type, metric):
     source = request.getfixturevalue(decoder)
     metrics = run(tmp_path, ["experiment=smoke", "model=hf", f"model.name_or_path={source}", "pretrain.steps=0",
-                             f"dataset={dataset}", *extra, "mask=importance", "mask.ratio=0.5"])
+                             f"dataset={dataset}", *extra, "mask=importance", "mask.score=gradient", "mask.ratio=0.5"])
     assert_learning_and_forgetting(metrics, task_type, metric)
+    assert metrics["mask"]["score"] == "gradient"  # the gradient of the task's own loss, through the decoder
     masks, _, _ = assert_frozen_entries_exact(metrics["run_dir"])
     # The task trains the checkpoint's own LM head: pretrained, so maskable; tied (Qwen2) it is the embedding.
     assert ("lm_head.weight" in masks) == (decoder == "tiny_llama_dir")
