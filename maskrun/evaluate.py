@@ -46,7 +46,7 @@ def hidden_states(backbone, inputs: torch.Tensor, device: torch.device, batch_si
     layers = None
     for i in range(0, len(inputs), batch_size):
         ids = inputs[i:i + batch_size].to(device)
-        keep = ids.ne(backbone.config.pad_token_id)
+        keep = torch.ones_like(ids, dtype=torch.bool)  # packed blocks hold no padding
         out = backbone(input_ids=ids, attention_mask=keep, output_hidden_states=True).hidden_states
         chunk = [h[keep].double().cpu() for h in out]
         layers = chunk if layers is None else [torch.cat([a, b]) for a, b in zip(layers, chunk)]
@@ -91,8 +91,12 @@ def forgetting(texts: list[str], pretraining_texts: list[str], loss_before: floa
 
 def task_inputs(tokenizer, texts: list[str], max_length: int, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The task's texts, one per row as the task model reads them, and the positions the pretraining head predicts
-    there: for MLM masked positions drawn from their own generator, seeded with EVAL_SEED, as in heldout_blocks."""
-    ids = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")["input_ids"]
+    there: for MLM masked positions drawn from their own generator, seeded with EVAL_SEED, as in heldout_blocks;
+    for a causal LM every token of the text."""
+    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    ids = batch["input_ids"]
+    if objective == "causal_lm":
+        return ids, ids.masked_fill(batch["attention_mask"].eq(0), -100)
     return objective_batch(tokenizer, ids, objective, EVAL_MLM_PROBABILITY, torch.Generator().manual_seed(EVAL_SEED))
 
 

@@ -21,14 +21,14 @@ RANDOM_TOKEN_SHARE = 0.1
 
 
 def pack_texts(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
-    """Concatenate the texts, each ended by a separator, into full blocks of max_length tokens."""
+    """Concatenate the texts, each ended by a separator, into full blocks of max_length tokens (a stream shorter
+    than one block makes one shorter block: blocks never hold padding)."""
     start, end = boundary_ids(tokenizer)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     stream = [tok for seq in ids for tok in seq + [end]]
-    body = max_length - 2
-    n_blocks = max(1, len(stream) // body)
-    stream = (stream + [tokenizer.pad_token_id] * body)[: n_blocks * body]
-    blocks = torch.tensor(stream).view(n_blocks, body)
+    body = min(max_length - 2, len(stream))
+    n_blocks = len(stream) // body
+    blocks = torch.tensor(stream[: n_blocks * body]).view(n_blocks, body)
     return torch.cat([torch.full((n_blocks, 1), start), blocks, torch.full((n_blocks, 1), end)], dim=1)
 
 
@@ -53,14 +53,18 @@ def mask_tokens(tokenizer, blocks: torch.Tensor, probability: float,
 
 def objective_batch(tokenizer, blocks: torch.Tensor, objective: str, mlm_probability: float,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and labels: masked positions drawn from `generator` for MLM; every non-padding next token for causal LM."""
+    """Inputs and labels: masked positions drawn from `generator` for MLM; for a causal LM every next token but the
+    separator pack_texts closes each block with (at a fixed position, not where a text ends: trivially learnt)."""
     if objective == "mlm":
         return mask_tokens(tokenizer, blocks, mlm_probability, generator)
-    return blocks, blocks.masked_fill(blocks.eq(tokenizer.pad_token_id), -100)
+    labels = blocks.clone()
+    labels[:, -1] = -100
+    return blocks, labels
 
 
 def objective_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
-    attention_mask = input_ids.ne(model.config.pad_token_id)
+    # Packed blocks hold no padding; a padding test would also hide every end-of-text where pad is eos.
+    attention_mask = torch.ones_like(input_ids)
     if objective == "mlm" and hasattr(model, "cls"):
         # BERT: project only the masked positions, since the vocabulary projection dominates the cost.
         hidden = model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

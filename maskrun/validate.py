@@ -414,6 +414,11 @@ def check_task_type(cfg: DictConfig) -> None:
                               "mark the answer with one group, e.g. 'The answer is: (.*)'")
     if kind == "classification":
         return
+    positions = cfg.model.get("max_position_embeddings")
+    if kind == "instruction" and positions and cfg.finetune.max_length + cfg.eval.max_new_tokens > positions:
+        raise ConfigError(f"finetune.max_length={cfg.finetune.max_length} and eval.max_new_tokens={cfg.eval.max_new_tokens} "
+                          f"together exceed the model's {positions} positions, which generation needs",
+                          "lower one of them or raise model.max_position_embeddings")
     from maskrun.models import pretraining_objective  # transformers, only for the task types that need it
 
     if pretraining_objective(cfg.model, cfg.pretrain) != "causal_lm":

@@ -52,6 +52,7 @@ def test_instruct_records_exact_match_of_greedy_generations(presets):
     metrics = presets["instruct"]
     assert_learning_and_forgetting(metrics, "instruction", "exact_match")
     assert 0.0 <= metrics["task"]["test"]["exact_match"] <= 1.0
+    assert metrics["task"]["test"]["prompts_cut"] == 0.0  # the preset's window holds every word problem
     assert_frozen_entries_exact(metrics["run_dir"])
 
 
@@ -98,6 +99,7 @@ def test_replay_on_a_causal_lm_task_replays_through_the_task_model(tmp_path):
     (["experiment=[smoke,instruct]", "finetune.gradient_checkpointing=maybe"], "finetune.gradient_checkpointing"),
     (["experiment=[smoke,instruct]", "eval.answer_pattern='The answer is: .*'"], "has 0 groups"),
     (["experiment=[smoke,instruct]", "eval.answer_pattern='(unclosed'"], "not a valid regex"),
+    (["experiment=[smoke,instruct]", "eval.max_new_tokens=40"], "exceed the model's 128 positions"),
 ])
 def test_what_a_task_type_cannot_do_is_refused_before_any_work(tmp_path, overrides, message):
     result = run_cli(overrides, tmp_path)

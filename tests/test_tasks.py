@@ -85,19 +85,35 @@ def test_the_loss_is_the_mean_over_predicted_tokens(tokenizer, decoder_dir):
 def test_batched_generation_continues_each_prompt_as_alone(tokenizer, decoder_dir):
     task = instruction_task(tokenizer)
     model = task.load_model(decoder_dir).eval()
-    prompts = [p for p, _ in PROBLEMS]
+    prompts = [prompt for prompt, _ in task.examples(task.data.test)]
     assert task.generate(model, prompts, CPU) == [task.generate(model, [p], CPU)[0] for p in prompts]
 
 
 def test_exact_match_counts_generations_equal_to_the_response(tokenizer, decoder_dir):
     task = instruction_task(tokenizer)
     model = task.load_model(decoder_dir).eval()
-    generated = task.generate(model, [p for p, _ in PROBLEMS], CPU)
+    generated = task.generate(model, [prompt for prompt, _ in task.examples(task.data.test)], CPU)
     # Half the responses are what the model generates (up to surrounding whitespace), half something else.
     problems = [(p, f" {g} " if i % 2 else g + "x") for i, ((p, _), g) in enumerate(zip(PROBLEMS, generated))]
     result = instruction_task(tokenizer, problems).evaluate(model, "test", CPU)
-    assert result["exact_match"] == 0.5
-    assert set(result) == {"loss", "perplexity", "exact_match"}
+    assert result["exact_match"] == 0.5 and result["prompts_cut"] == 0.0
+    assert set(result) == {"loss", "perplexity", "exact_match", "prompts_cut"}
+
+
+def test_generation_reads_the_prompt_window_the_loss_reads_and_says_how_many_were_cut(tokenizer, decoder_dir):
+    task = instruction_task(tokenizer, max_length=20)  # every prompt is longer than 20 tokens
+    model = task.load_model(decoder_dir).eval()
+    seen = []
+    task.generate = lambda model, ids, device: seen.extend(ids) or [""] * len(ids)
+    result = task.evaluate(model, "test", CPU)
+    assert seen == [prompt for prompt, _ in task.examples(task.data.test)] and result["prompts_cut"] == 1.0
+
+
+def test_an_empty_generation_never_matches_a_reference_without_an_answer(tokenizer):
+    task = instruction_task(tokenizer)
+    task.ecfg = OmegaConf.merge(task.ecfg, {"answer_pattern": "The answer is: (.*)"})
+    assert not task.matches("", " 42") and not task.matches("The answer is: 42", " 42")
+    assert task.matches("so... The answer is: 42", "worked. The answer is: 42")
 
 
 def test_an_answer_pattern_compares_the_final_answers_only(tokenizer):
@@ -128,8 +144,11 @@ def test_causal_lm_blocks_are_packed_from_the_documents(tokenizer):
     blocks = task.examples(task.data.train)
     assert all(len(block) == 16 for block in blocks)
     batch = task.collate(blocks)
-    padding = batch["input_ids"].eq(tokenizer.pad_token_id)
-    assert torch.equal(batch["labels"].eq(-100), padding) and torch.equal(batch["attention_mask"].eq(0), padding)
+    assert not batch["input_ids"].eq(tokenizer.pad_token_id).any() and bool(batch["attention_mask"].all())
+    # Every token is predicted but the separator that closes each block at a fixed place (not a text's end).
+    assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, :-1]) and bool(batch["labels"][:, -1].eq(-100).all())
+    short = task.examples(Split(["x = 1\n"]))  # a text shorter than a block packs into one shorter block, unpadded
+    assert len(short) == 1 and not short[0].eq(tokenizer.pad_token_id).any()
 
 
 def test_forgetting_reads_a_language_model_task_as_it_is(tokenizer, decoder_dir):

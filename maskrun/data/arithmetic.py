@@ -95,12 +95,23 @@ def steps(node: ast.expr, numbers: dict[str, int]) -> list[Fraction]:
     return left + right + [OPERATORS[type(node.op)](left[-1], right[-1])]
 
 
+ATTEMPTS_PER_PROBLEM = 50  # draws per distinct problem before a difficulty is declared too small for `count`
+
+
 def problems(count: int, difficulty: int, seed: int) -> list[Problem]:
     """`count` problems at `difficulty` (a key of LEVELS), drawn from random.Random(seed)."""
     level = LEVELS[difficulty]
     templates = [t for t in TEMPLATES if operations(t.formula) == level.operations]
     rng = random.Random(seed)
-    return [problem(rng.choice(templates), level, rng) for _ in range(count)]
+    # One problem per expression: two stories over the same numbers and formula are the same problem, and one of
+    # them in training would give the other's answer away in test.
+    found: dict[str, Problem] = {}
+    for _ in range(count * ATTEMPTS_PER_PROBLEM):
+        drawn = problem(rng.choice(templates), level, rng)
+        found.setdefault(drawn.expression, drawn)
+        if len(found) == count:
+            break
+    return list(found.values())
 
 
 def problem(template: Template, level: Level, rng: random.Random) -> Problem:

@@ -9,8 +9,10 @@ import os
 import sysconfig
 from pathlib import Path
 
-# Folders skipped wherever they sit: installed packages, and test suites (test/, tests/, idlelib/idle_test).
-SKIPPED_FOLDERS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
+# Folders skipped wherever they sit: installed packages, test suites (test/, tests/, idlelib/idle_test), and
+# generated data (encodings/: codec tables from one template, near copies of each other across the split;
+# pydoc_data/: the documentation's text).
+SKIPPED_FOLDERS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "pydoc_data"})
 
 
 def stdlib_folder() -> Path:

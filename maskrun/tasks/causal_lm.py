@@ -32,7 +32,7 @@ class CausalLM(TaskType):
 
     def collate(self, examples):
         inputs, labels = objective_batch(self.tokenizer, torch.stack(examples), "causal_lm", 0.0, None)
-        return {"input_ids": inputs, "attention_mask": inputs.ne(self.tokenizer.pad_token_id).long(), "labels": labels}
+        return {"input_ids": inputs, "attention_mask": torch.ones_like(inputs), "labels": labels}  # no padding
 
     def batches(self, split: str):
         if split not in self.blocks:

@@ -3,7 +3,8 @@
 An example is the start token, the prompt, the response and the end-of-text token, in at most `max_length`
 tokens (a long prompt loses its beginning, so its closing cue stays); prompt positions carry label −100, as
 the decoder-input masking of instruction tuning does. Generation is greedy from the prompt, for at most
-`eval.max_new_tokens` tokens or until end of text; a generation matches when it equals the response up to
+`eval.max_new_tokens` tokens or until end of text, from the same prompt window as the loss (`prompts_cut`: the
+share of prompts that lost their beginning); a generation matches when it equals the response up to
 surrounding whitespace — or, with `eval.answer_pattern` (a regex with one group), when the last match of the
 group in each is the same (the final answer of a worked solution).
 """
@@ -48,12 +49,11 @@ class Instruction(TaskType):
         return {"input_ids": ids, "attention_mask": attention_mask, "labels": labels}
 
     @torch.no_grad()
-    def generate(self, model, prompts: list[str], device: torch.device) -> list[str]:
-        """Greedy generations from the prompts, left-padded so that each continues right after its own prompt."""
+    def generate(self, model, ids: list[list[int]], device: torch.device) -> list[str]:
+        """Greedy generations from the prompts' token ids, left-padded so that each continues right after its own
+        prompt."""
         _, end = boundary_ids(self.tokenizer)
         pad = self.tokenizer.pad_token_id
-        ids = [self.window(p, self.ecfg.max_new_tokens)
-               for p in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         width = max(map(len, ids))
         inputs = torch.tensor([[pad] * (width - len(p)) + p for p in ids], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids], device=device)
@@ -68,10 +68,18 @@ class Instruction(TaskType):
         model.eval()
         examples = self.examples(data)
         result = token_loss(model, (self.collate(examples[i:i + size]) for i in range(0, len(examples), size)), device)
-        generated = [text for i in range(0, len(data), size)
-                     for text in self.generate(model, data.texts[i:i + size], device)]
-        matches = sum(self.answer(g) == self.answer(r) for g, r in zip(generated, data.responses))
-        return result | {"exact_match": matches / len(data)}
+        # Generation starts from the very prompt the loss reads (the same window), never a shorter one.
+        prompts = [prompt for prompt, _ in examples]
+        generated = [text for i in range(0, len(prompts), size) for text in self.generate(model, prompts[i:i + size], device)]
+        matches = sum(self.matches(g, r) for g, r in zip(generated, data.responses))
+        full = self.tokenizer(data.texts, add_special_tokens=False)["input_ids"]
+        cut = sum(len(prompt) - 1 < len(whole) for prompt, whole in zip(prompts, full))
+        return result | {"exact_match": matches / len(data), "prompts_cut": cut / len(data)}
+
+    def matches(self, generated: str, response: str) -> bool:
+        """A reference without an answer matches nothing (so an empty generation cannot match it)."""
+        answer = self.answer(response)
+        return answer is not None and self.answer(generated) == answer
 
     def answer(self, text: str) -> str | None:
         """What exact match compares: the text, or the last match of eval.answer_pattern's group (None: no answer)."""
