@@ -105,7 +105,7 @@ def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: t
     scaler = torch.amp.GradScaler(device.type, enabled=fcfg.precision == "fp16")
     stopping = EarlyStopping(fcfg.early_stopping_patience, task.METRIC)
     if fcfg.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more time
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     order_generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator().manual_seed(seed + 1)
     history = {"train": [], "validation": [], "selected": None, "optimizer_state_bytes": 0}

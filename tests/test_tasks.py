@@ -176,3 +176,24 @@ def test_the_pretraining_loss_weighs_every_predicted_token_once_whatever_the_bat
     for batch_size in (1, 3, 4):
         assert pretraining_loss(model, inputs, labels, "causal_lm", CPU, batch_size) == pytest.approx(expected.item(),
                                                                                                      rel=1e-5)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tokenizer, decoder_dir):
+    from importlib.resources import files
+
+    from maskrun.finetune import finetune
+
+    task = instruction_task(tokenizer)
+    trained = []
+    for checkpointing in (False, True):
+        fcfg = OmegaConf.merge(OmegaConf.load(files("maskrun.conf") / "config.yaml").finetune,
+                               {"epochs": 1, "batch_size": 4, "max_length": 48, "gradient_checkpointing": checkpointing})
+        ocfg = OmegaConf.load(files("maskrun.conf") / "optimizer" / "adamw.yaml")
+        model = task.load_model(decoder_dir)
+        finetune(model, task, {}, fcfg, ocfg, CPU, seed=0)
+        assert model.is_activation_checkpointing == checkpointing
+        trained.append(model.state_dict())
+    before = task.load_model(decoder_dir).state_dict()
+    assert any(not torch.equal(trained[0][k], before[k]) for k in before)
+    for name in trained[0]:
+        torch.testing.assert_close(trained[1][name], trained[0][name], rtol=0, atol=1e-6, msg=name)
