@@ -8,7 +8,7 @@ import torch
 from maskrun.data import Corpus
 from maskrun.data.dedup import overlap
 from maskrun.models import load_backbone, load_pretraining_model
-from maskrun.pretrain import objective_batch, objective_loss, pack_texts
+from maskrun.pretrain import block_attention, objective_batch, objective_loss, pack_texts
 
 # One checkpoint and one held-out text give the same masked positions, hence the same loss, in every run.
 EVAL_SEED = 1234
@@ -40,13 +40,14 @@ def pretraining_loss(model, inputs: torch.Tensor, labels: torch.Tensor, objectiv
 
 
 @torch.no_grad()
-def hidden_states(backbone, inputs: torch.Tensor, device: torch.device, batch_size: int) -> list[torch.Tensor]:
-    """Each layer's hidden states at the non-padding positions, as (tokens, hidden) matrices."""
+def hidden_states(backbone, inputs: torch.Tensor, objective: str | None, device: torch.device,
+                  batch_size: int) -> list[torch.Tensor]:
+    """Each layer's hidden states at the positions attended to, as (tokens, hidden) matrices."""
     backbone.eval()
     layers = None
     for i in range(0, len(inputs), batch_size):
         ids = inputs[i:i + batch_size].to(device)
-        keep = torch.ones_like(ids, dtype=torch.bool)  # packed blocks hold no padding
+        keep = block_attention(ids, objective, backbone.config.pad_token_id)
         out = backbone(input_ids=ids, attention_mask=keep, output_hidden_states=True).hidden_states
         chunk = [h[keep].double().cpu() for h in out]
         layers = chunk if layers is None else [torch.cat([a, b]) for a, b in zip(layers, chunk)]
@@ -104,7 +105,9 @@ def predicted_log_probs(model, inputs: torch.Tensor, labels: torch.Tensor, objec
     """The pretraining head's log-probabilities over the vocabulary at each predicted position: the labelled ones
     for MLM, for a causal LM each position whose next token is labelled. (positions, vocabulary), in float64: a
     divergence between close models is a small difference of log-probabilities."""
-    attention_mask = inputs.ne(model.config.pad_token_id)
+    # A causal LM's labels are the tokenizer's attention mask (task_inputs); a padding test would hide an
+    # end-of-text where pad is eos.
+    attention_mask = inputs.ne(model.config.pad_token_id) if objective == "mlm" else labels.ne(-100)
     if objective == "mlm" and hasattr(model, "cls"):
         # BERT: project only the masked positions, as objective_loss does.
         hidden = model.bert(input_ids=inputs, attention_mask=attention_mask).last_hidden_state
@@ -163,8 +166,8 @@ def interference(pretrained_dir: Path, finetuned_model, task, corpus: Corpus, he
         return kl_task(pretrained, finetuned, inputs, labels, objective, device, batch_size)
 
     loss_before, loss_after = losses(pretrained), losses(finetuned)
-    hidden_before = hidden_states(pretrained.base_model, batches["test"][0], device, batch_size)
-    hidden_after = hidden_states(finetuned.base_model, batches["test"][0], device, batch_size)
+    hidden_before = hidden_states(pretrained.base_model, batches["test"][0], objective, device, batch_size)
+    hidden_after = hidden_states(finetuned.base_model, batches["test"][0], objective, device, batch_size)
     cka_per_layer = [linear_cka(a, b) for a, b in zip(hidden_before, hidden_after)]
     drift = drift_l2(*({name: p.detach() for name, p in model.base_model.named_parameters()}
                        for model in (pretrained, finetuned)))

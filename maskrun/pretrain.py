@@ -62,9 +62,15 @@ def objective_batch(tokenizer, blocks: torch.Tensor, objective: str, mlm_probabi
     return blocks, labels
 
 
+def block_attention(input_ids: torch.Tensor, objective: str | None, pad_token_id: int) -> torch.Tensor:
+    """The attention mask of packed blocks, which hold no padding: a causal LM attends to every position (a
+    padding test would hide each end-of-text where pad is eos); MLM hides the [PAD] tokens its random
+    replacement may draw."""
+    return input_ids.ne(pad_token_id) if objective == "mlm" else torch.ones_like(input_ids, dtype=torch.bool)
+
+
 def objective_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
-    # Packed blocks hold no padding; a padding test would also hide every end-of-text where pad is eos.
-    attention_mask = torch.ones_like(input_ids)
+    attention_mask = block_attention(input_ids, objective, model.config.pad_token_id)
     if objective == "mlm" and hasattr(model, "cls"):
         # BERT: project only the masked positions, since the vocabulary projection dominates the cost.
         hidden = model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

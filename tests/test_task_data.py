@@ -17,6 +17,7 @@ from maskrun import cli
 from maskrun.data import arithmetic
 from maskrun.data.dedup import text_key
 from maskrun.data.python_code import python_code_documents, stdlib_files, stdlib_folder
+from maskrun.errors import ConfigError
 from maskrun.data.tasks import TASK_TYPES, check_task, load_task, task_type
 
 ERROR_LINE = re.compile(r"^maskrun: error: .+ \(.+\)$")
@@ -250,11 +251,21 @@ def test_task_data_of_every_type_passes_the_checks_and_writes_nothing(workdir, a
     assert sorted(workdir.rglob("*")) == before
 
 
-def test_no_two_arithmetic_problems_share_numbers_and_formula():
-    # Two stories over the same expression are one problem: in two splits, training would give the answer away.
+def test_no_two_arithmetic_problems_share_numbers_and_formula_in_any_order():
+    # Two stories over one computation are one problem: in two splits, training would give the answer away.
+    def numbers_and_answer(p):
+        return tuple(sorted(re.findall(r"\d+", p.expression))), p.expression.count("+"), p.expression.count("*"), p.response
+
     for difficulty in arithmetic.LEVELS:
-        expressions = [p.expression for p in arithmetic.problems(4000, difficulty, seed=0)]
-        assert len(expressions) == len(set(expressions)) == 4000
+        drawn = arithmetic.problems(4000, difficulty, seed=0)
+        assert len(drawn) == 4000
+        sums_and_products = [numbers_and_answer(p) for p in drawn if "-" not in p.expression and "/" not in p.expression]
+        assert len(sums_and_products) == len(set(sums_and_products))
+
+
+def test_more_arithmetic_problems_than_a_difficulty_holds_are_refused():
+    with pytest.raises(ConfigError, match="dataset.num_examples=20000 exceeds the .* distinct problems"):
+        arithmetic.problems(20000, 1, seed=0)
 
 
 def test_generated_stdlib_data_is_not_code_to_learn():

@@ -197,3 +197,12 @@ def test_gradient_checkpointing_trains_the_same_weights(tokenizer, decoder_dir):
     assert any(not torch.equal(trained[0][k], before[k]) for k in before)
     for name in trained[0]:
         torch.testing.assert_close(trained[1][name], trained[0][name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_mlm_attends_to_no_pad_its_random_replacement_drew_and_a_causal_lm_to_every_position(tokenizer):
+    from maskrun.pretrain import block_attention
+
+    blocks = torch.tensor([[2, 7, tokenizer.pad_token_id, 9, 3]])  # a [PAD] drawn as a random replacement
+    assert block_attention(blocks, "mlm", tokenizer.pad_token_id).tolist() == [[True, True, False, True, True]]
+    # A causal LM's blocks hold no padding: a token equal to the pad id (an end-of-text where pad is eos) is text.
+    assert bool(block_attention(blocks, "causal_lm", tokenizer.pad_token_id).all())

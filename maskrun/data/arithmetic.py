@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
+from maskrun.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Template:
@@ -103,15 +105,32 @@ def problems(count: int, difficulty: int, seed: int) -> list[Problem]:
     level = LEVELS[difficulty]
     templates = [t for t in TEMPLATES if operations(t.formula) == level.operations]
     rng = random.Random(seed)
-    # One problem per expression: two stories over the same numbers and formula are the same problem, and one of
-    # them in training would give the other's answer away in test.
+    # One problem per computation: two stories over the same numbers and formula (in any order of a sum or a
+    # product) are the same problem, and one of them in training would give the other's answer away in test.
     found: dict[str, Problem] = {}
     for _ in range(count * ATTEMPTS_PER_PROBLEM):
         drawn = problem(rng.choice(templates), level, rng)
-        found.setdefault(drawn.expression, drawn)
+        found.setdefault(canonical(ast.parse(drawn.expression, mode="eval").body), drawn)
         if len(found) == count:
-            break
-    return list(found.values())
+            return list(found.values())
+    raise ConfigError(f"dataset.num_examples={count} exceeds the {len(found)} distinct problems found at "
+                      f"difficulty {difficulty}", "lower dataset.num_examples or raise dataset.difficulty")
+
+
+def canonical(node: ast.expr) -> str:
+    """An expression with the operands of each chain of + or of * in sorted order: equal for equal computations."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        operands, pending = [], [node]
+        while pending:
+            part = pending.pop()
+            if isinstance(part, ast.BinOp) and type(part.op) is type(node.op):
+                pending += [part.left, part.right]
+            else:
+                operands.append(canonical(part))
+        return "(" + (" + " if isinstance(node.op, ast.Add) else " * ").join(sorted(operands)) + ")"
+    if isinstance(node, ast.BinOp):
+        return f"({canonical(node.left)} {type(node.op).__name__} {canonical(node.right)})"
+    return ast.unparse(node)
 
 
 def problem(template: Template, level: Level, rng: random.Random) -> Problem:
