@@ -17,6 +17,7 @@ import ast
 import functools
 import hashlib
 import json
+import platform
 from importlib.metadata import version
 from pathlib import Path
 
@@ -56,8 +57,12 @@ def corpus(dcfg) -> dict:
 
 
 def task(dcfg) -> dict:
-    """The task's settings, and a user's task file by its content."""
-    return {**plain(dcfg), "path": file_digest(Path(dcfg.path)) if dcfg.get("path") else None}
+    """The task's settings, a user's task file by its content, and python_code by the Python whose standard library
+    it reads."""
+    spec = {**plain(dcfg), "path": file_digest(Path(dcfg.path)) if dcfg.get("path") else None}
+    if dcfg.task == "python_code":
+        spec["python"] = platform.python_version()
+    return spec
 
 
 def model(mcfg) -> dict:

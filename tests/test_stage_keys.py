@@ -3,6 +3,7 @@ from the first stage it can affect, and never reuses what other code computed.""
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -128,3 +129,13 @@ def test_files_named_by_path_count_by_their_content(tmp_path):
     assert before[0] != after[0] and before[1] != after[1]
     assert before[2] == after[2]  # the tokenizer reads the corpus, not the task
     assert stages.tokenizer(cfg) != stages.tokenizer(latin)
+
+
+def test_python_code_is_keyed_by_the_python_whose_standard_library_it_reads(monkeypatch):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("maskrun.conf", version_base="1.3"):
+        cfg = compose("config", ["model=tiny_gpt", "dataset=python_code"])
+    here, version = stages.task(cfg.dataset), platform.python_version()
+    monkeypatch.setattr(stages.platform, "python_version", lambda: "0.0.0")
+    assert here["python"] == version and stages.task(cfg.dataset)["python"] == "0.0.0"
