@@ -6,6 +6,7 @@ loaded pretrained (`model.packaged` or `model.name_or_path`). Every checkpoint m
 backbone under the task model's names, so a mask's names match both.
 """
 
+import functools
 from pathlib import Path
 
 import torch
@@ -49,9 +50,15 @@ def pretrained_source(mcfg) -> str | None:
     return mcfg.get("name_or_path")
 
 
+@functools.lru_cache(maxsize=None)  # validation and the stages ask one source several questions
+def source_config(source: str) -> PretrainedConfig:
+    """A pretrained model's config, read once; callers only read it."""
+    return AutoConfig.from_pretrained(source)
+
+
 def checkpoint_head(source: str) -> str | None:
     """The objective of the LM head the checkpoint holds (from the class it was saved as); None: a bare backbone."""
-    for architecture in AutoConfig.from_pretrained(source).architectures or ():
+    for architecture in source_config(source).architectures or ():
         for ending, objective in HEAD_ENDINGS.items():
             if architecture.endswith(ending):
                 return objective
@@ -67,7 +74,7 @@ def model_objective(mcfg) -> str | None:
     head = checkpoint_head(source)
     if head:
         return head
-    model_type = AutoConfig.from_pretrained(source).model_type
+    model_type = source_config(source).model_type
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         return "mlm"
     return "causal_lm" if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
@@ -89,7 +96,7 @@ def check_objective(mcfg, pcfg) -> None:
     """A pretrained model's objective must be one its architecture has a head for, and at pretrain.steps=0 the head
     it already has (that head measures forgetting)."""
     source = pretrained_source(mcfg)
-    objective, model_type = model_objective(mcfg), AutoConfig.from_pretrained(source).model_type
+    objective, model_type = model_objective(mcfg), source_config(source).model_type
     if objective is None:
         raise ConfigError(f"cannot tell the pretraining objective of {source} (model type {model_type})",
                           f"set model.objective to one of: {', '.join(OBJECTIVES)}")

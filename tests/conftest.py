@@ -11,7 +11,21 @@ import torch
 from safetensors.torch import load_file
 
 MASKRUN = [sys.executable, "-m", "maskrun.cli"]
+# A toy review task, and (the `tokenizer` fixture) a WordPiece tokenizer trained on it.
+GOOD = ["a warm funny film", "great acting and a clever story", "i loved every minute", "a joy to watch"]
+BAD = ["a dull mess", "boring and far too long", "the plot makes no sense", "i wanted my money back"]
 REPORT = [sys.executable, "-m", "maskrun.report.cli"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from maskrun.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer((GOOD + BAD) * 4, vocab_size=120, out_dir=out)
+    return AutoTokenizer.from_pretrained(out)
 
 
 def run_cli(args: list[str], cwd: Path, command=MASKRUN, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -10,12 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, TrainingArguments
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
-from conftest import load_metrics, task_of
+from conftest import BAD, GOOD, load_metrics, task_of
 from maskrun.data.tasks import Split, TaskData
 from maskrun.cli import CONFIG_MODULE
-from maskrun.data.tokenizer import train_tokenizer
 from maskrun.errors import ConfigError
 from maskrun.batching import collate
 from maskrun.finetune import Phase, finetune, mask_inputs
@@ -23,15 +22,6 @@ from maskrun.masks.random import build as random_mask
 from maskrun.validate import check_config, compose_jobs
 from maskrun.tasks.classification import Classification
 
-GOOD = ["a warm funny film", "great acting and a clever story", "i loved every minute", "a joy to watch"]
-BAD = ["a dull mess", "boring and far too long", "the plot makes no sense", "i wanted my money back"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer((GOOD + BAD) * 4, vocab_size=120, out_dir=out)
-    return AutoTokenizer.from_pretrained(out)
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,10 @@ from safetensors.torch import load_file
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config,
                           GPT2ForSequenceClassification, get_scheduler)
 
-from conftest import load_metrics, maskrun, task_of
+from conftest import BAD, GOOD, load_metrics, maskrun, task_of
 from maskrun.batching import collate, encode
 from maskrun.cli import CONFIG_MODULE, check_command_line
 from maskrun.data.tasks import Split, TaskData
-from maskrun.data.tokenizer import train_tokenizer
 from maskrun.errors import ConfigError
 from maskrun.finetune import finetune
 from maskrun.methods import build_method
@@ -27,17 +26,8 @@ from maskrun.models import load_task_model
 from maskrun.validate import compose_jobs
 
 CPU = torch.device("cpu")
-GOOD = ["a warm funny film", "great acting and a clever story", "i loved every minute", "a joy to watch"]
-BAD = ["a dull mess", "boring and far too long", "the plot makes no sense", "i wanted my money back"]
 # A task model on a masked-LM checkpoint: its pooler and classifier are new, so they are the head.
 HEAD_MODULES = ["bert.pooler.dense", "classifier"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer((GOOD + BAD) * 4, vocab_size=120, out_dir=out)
-    return AutoTokenizer.from_pretrained(out)
 
 
 @pytest.fixture(scope="module")

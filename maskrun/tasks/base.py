@@ -3,6 +3,7 @@
 import math
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 
 class TaskType:
@@ -48,6 +49,21 @@ class TaskType:
         """metrics.json `task`, before its validation and test results."""
         return {"name": self.data.name, "type": self.data.task_type, "metric": self.METRIC,
                 "split_sizes": self.data.split_sizes}
+
+
+class DecoderTask(TaskType):
+    """A generative task: it trains the checkpoint's own causal LM, head included, so forgetting reads the
+    fine-tuned model as it is."""
+
+    def load_model(self, pretrained_dir, dtype=None):
+        return AutoModelForCausalLM.from_pretrained(pretrained_dir, dtype=dtype)
+
+    def new_model(self, pretrained_dir, seed):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained_dir))
+
+    def pretraining_view(self, pretrained, finetuned):
+        return finetuned
 
 
 def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:

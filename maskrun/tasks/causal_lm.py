@@ -6,26 +6,18 @@ pretrained model's (`learning` = loss_before − loss); forgetting reads the fin
 """
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from maskrun.pretrain import objective_batch, pack_texts
-from maskrun.tasks.base import TaskType, token_loss
+from maskrun.tasks.base import DecoderTask, token_loss
 
 
-class CausalLM(TaskType):
+class CausalLM(DecoderTask):
     METRIC = "learning"
 
     def __init__(self, data, tokenizer, max_length, ecfg):
         super().__init__(data, tokenizer, max_length, ecfg)
         self.loss_before: dict[str, float] = {}
         self.blocks: dict[str, list[torch.Tensor]] = {}  # each held-out split's blocks, packed once
-
-    def load_model(self, pretrained_dir, dtype=None):
-        return AutoModelForCausalLM.from_pretrained(pretrained_dir, dtype=dtype)
-
-    def new_model(self, pretrained_dir, seed):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained_dir))
 
     def examples(self, split):
         return list(pack_texts(self.tokenizer, split.texts, self.max_length))
@@ -49,9 +41,6 @@ class CausalLM(TaskType):
         result = token_loss(model, self.batches(split), device)
         before = self.loss_before[split]
         return result | {"loss_before": before, "learning": before - result["loss"]}
-
-    def pretraining_view(self, pretrained, finetuned):
-        return finetuned
 
 
 def build(data, tokenizer, max_length, ecfg) -> CausalLM:

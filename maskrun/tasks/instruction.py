@@ -12,21 +12,13 @@ group in each is the same (the final answer of a worked solution).
 import re
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from maskrun.models import boundary_ids
-from maskrun.tasks.base import TaskType, pad_right, token_loss
+from maskrun.tasks.base import DecoderTask, pad_right, token_loss
 
 
-class Instruction(TaskType):
+class Instruction(DecoderTask):
     METRIC = "exact_match"
-
-    def load_model(self, pretrained_dir, dtype=None):
-        return AutoModelForCausalLM.from_pretrained(pretrained_dir, dtype=dtype)
-
-    def new_model(self, pretrained_dir, seed):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained_dir))
 
     def window(self, prompt: list[int], room: int) -> list[int]:
         """The start token and the prompt, cut from the left to leave `room` of the max_length tokens free."""
@@ -87,9 +79,6 @@ class Instruction(TaskType):
             return text.strip()
         found = re.findall(self.ecfg.answer_pattern, text)
         return found[-1].strip() if found else None
-
-    def pretraining_view(self, pretrained, finetuned):
-        return finetuned
 
 
 def build(data, tokenizer, max_length, ecfg) -> Instruction:
