@@ -10,7 +10,7 @@ Recipes from the masking literature, all off by default:
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import get_scheduler
@@ -63,6 +63,20 @@ class Phase:
         return grad_norm
 
 
+class Callback:
+    """What watches or steers fine-tuning from outside the loop (a tracker, a mask that moves); each hook's default
+    does nothing."""
+
+    def on_step_begin(self, step: int, model, optimizer: MaskedOptimizer) -> None:
+        """Before the first forward pass of step `step` (counted from 1)."""
+
+    def on_step_end(self, step: int, model, optimizer: MaskedOptimizer, record: dict) -> None:
+        """After the optimizer step of step `step`; `record` is its history["train"] entry."""
+
+    def on_validation(self, record: dict) -> None:
+        """After an epoch's validation; `record` is its history["validation"] entry."""
+
+
 class EarlyStopping:
     """Tracks the best validation result by the task's metric; keeps a copy of the best model's weights."""
 
@@ -85,13 +99,14 @@ class EarlyStopping:
 
 
 def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: torch.device, seed: int,
-             extra_loss: Callable[[torch.nn.Module, int], torch.Tensor | None] | None = None) -> dict:
+             extra_loss: Callable[[torch.nn.Module, int], torch.Tensor | None] | None = None,
+             callbacks: Sequence[Callback] = ()) -> dict:
     """Train `model` on the training split of `task` (a maskrun.tasks TaskType); returns the loss and validation
     history.
 
     The parameters that train are those with requires_grad, less the entries `frozen` holds;
     `extra_loss(model, step)`, when given, is what a method adds to the task loss of every
-    micro-batch of step `step` (penalties, replay).
+    micro-batch of step `step` (penalties, replay); `callbacks` are called around every step and validation.
 
     `history["selected"]` is the validation result of the model left in `model` (the best one under
     early stopping, else the last); `optimizer_state_bytes` is the largest over the phases.
@@ -125,6 +140,8 @@ def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: t
                 # the step's gradient and loss are the means over the group (also a short last group).
                 group_size = sum(len(rows) for rows in group)
                 step_loss, step_extra = 0.0, 0.0
+                for callback in callbacks:
+                    callback.on_step_begin(step + 1, model, phase.optimizer)
                 for rows in group:
                     loss = micro_batch_loss(model, task, [examples[i] for i in rows], fcfg, device, noise_generator)
                     extra = extra_loss(model, step + 1) if extra_loss else None
@@ -136,13 +153,19 @@ def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: t
                     scaler.scale(total * weight).backward()
                     step_loss += loss.item() * weight
                     step_extra += 0.0 if extra is None else extra.item() * weight
+                lr = phase.scheduler.get_last_lr()[0]  # the rate this step uses
                 grad_norm = phase.step(fcfg.max_grad_norm, scaler)
                 step += 1
-                history["train"].append({"step": step, "epoch": epoch, "loss": step_loss, "extra_loss": step_extra,
-                                         "grad_norm": grad_norm})
+                record = {"step": step, "epoch": epoch, "loss": step_loss, "extra_loss": step_extra,
+                          "grad_norm": grad_norm, "lr": lr}
+                history["train"].append(record)
+                for callback in callbacks:
+                    callback.on_step_end(step, model, phase.optimizer, record)
                 progress.advance(loss=step_loss)
             validation = {"step": step, "epoch": epoch, **task.evaluate(model, "validation", device)}
             history["validation"].append(validation)
+            for callback in callbacks:
+                callback.on_validation(validation)
             history["selected"] = validation
             if stopping.should_stop(model, validation):
                 break

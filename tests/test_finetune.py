@@ -17,7 +17,7 @@ from maskrun.data.tasks import Split, TaskData
 from maskrun.cli import CONFIG_MODULE
 from maskrun.errors import ConfigError
 from maskrun.batching import collate
-from maskrun.finetune import Phase, finetune, mask_inputs
+from maskrun.finetune import Callback, Phase, finetune, mask_inputs
 from maskrun.masks.random import build as random_mask
 from maskrun.validate import check_config, compose_jobs
 from maskrun.tasks.classification import Classification
@@ -233,3 +233,30 @@ def test_sensible_training_settings_pass_the_checks():
     (cfg,) = compose_jobs(CONFIG_MODULE, "config", ["finetune.unfreeze_after=1", "finetune.input_mask_prob=0.1"],
                           multirun=False)
     check_config(cfg)
+
+
+def test_callbacks_see_every_step_with_its_learning_rate_and_every_validation(tokenizer, task):
+    class Recorder(Callback):
+        def __init__(self):
+            self.calls = []
+
+        def on_step_begin(self, step, model, optimizer):
+            self.calls.append(("begin", step))
+
+        def on_step_end(self, step, model, optimizer, record):
+            self.calls.append(("end", step, record["lr"]))
+
+        def on_validation(self, record):
+            self.calls.append(("validation", record["epoch"]))
+
+    recorder = Recorder()
+    fcfg, ocfg = training_configs(scheduler="constant", warmup_ratio=0.0, lr=0.02)
+    history = finetune(tiny_model(tokenizer), task_of(task, tokenizer, fcfg.max_length), {}, fcfg, ocfg,
+                       torch.device("cpu"), seed=0, callbacks=[recorder])
+    steps = len(history["train"])
+    expected = [call for step in range(1, steps + 1) for call in (("begin", step), ("end", step, 0.02))]
+    validations = [i for i, call in enumerate(recorder.calls) if call[0] == "validation"]
+    assert [call for call in recorder.calls if call[0] != "validation"] == expected
+    assert [recorder.calls[i][1] for i in validations] == [1, 2]
+    assert validations[-1] == len(recorder.calls) - 1
+    assert [h["lr"] for h in history["train"]] == [0.02] * steps
