@@ -40,3 +40,12 @@ def test_hydra_flags_work(tmp_path, flags, expected):
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+def test_every_maskrun_package_is_installed_by_a_non_editable_install():
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    declared = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(init.parent.relative_to(root).parts) for init in (root / "maskrun").rglob("__init__.py")}
+    assert on_disk <= declared, f"add {sorted(on_disk - declared)} to [tool.setuptools] packages"
