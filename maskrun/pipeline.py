@@ -23,8 +23,8 @@ from maskrun.data.tokenizer import prepare_tokenizer
 from maskrun.devices import resolve_device
 from maskrun.evaluate import interference
 from maskrun.finetune import finetune
-from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, needs_scores, neuron_axes,
-                           read_tied_share, write_mask)
+from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, moving_mask, needs_scores,
+                           neuron_axes, read_tied_share, save_mask, write_mask)
 from maskrun.masks.scores import compute_scores, read_scores, write_scores
 from maskrun.methods import build_method, dial
 from maskrun.methods.base import Context, trainable_entries
@@ -93,7 +93,13 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
                              "trainable": trainable_entries(model, frozen), "model_entries": model_entries}
 
     with stage_timer(timing, "finetune"):
-        history = finetune(model, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss)
+        moving = moving_mask(cfg.mask, model, frozen.keys(), cfg.seed)  # None unless the mask moves while training
+        history = finetune(model, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss,
+                           callbacks=[moving] if moving else [])
+        if moving:  # the run's mask: the entries frozen at every step
+            frozen = moving.frozen_throughout()
+            save_mask(frozen, run_dir / MASK_FILE)
+            metrics["mask"] |= mask_summary(cfg.mask, frozen, tied_share) | moving.record()
         model = method.finish(model)
         metrics["artifacts"] |= method.artifacts()
         metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}

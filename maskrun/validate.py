@@ -27,7 +27,7 @@ from maskrun.data.corpus import check_corpus, load_corpus
 from maskrun.data.packaged import packaged_file
 from maskrun.data.tasks import check_task, load_task, task_type
 from maskrun.errors import ConfigError
-from maskrun.masks import STRATEGIES
+from maskrun.masks import STRATEGIES, check_moving, moves, selected
 from maskrun.methods import METHODS
 from maskrun.masks.importance import FREEZE
 from maskrun.masks.scores import FISHER, SCORES
@@ -145,6 +145,8 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
         if cfg.mask.include or cfg.mask.exclude:
             check_mask_selects(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain), tuple(cfg.mask.include or ()), tuple(cfg.mask.exclude or ()))
         check_method(cfg)  # after the model: a method may read the model's parameter names
+        if moves(cfg.mask):  # after the method: a moving mask needs method=mask; it reads the model's layers
+            check_moving(cfg, eligible_shapes(cfg))
         check_training(cfg)
         check_dataset(cfg.dataset)
         check_task_type(cfg)
@@ -252,6 +254,12 @@ def backbone_shapes(model_yaml: str, pretrain_yaml: str) -> dict[str, torch.Size
     from maskrun import models
 
     return models.backbone_shapes(OmegaConf.create(model_yaml), OmegaConf.create(pretrain_yaml))
+
+
+def eligible_shapes(cfg: DictConfig) -> dict[str, torch.Size]:
+    """The shapes of the parameters the mask group may select, by name."""
+    shapes = backbone_shapes(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain))
+    return {name: shape for name, shape in shapes.items() if selected(name, cfg.mask.include, cfg.mask.exclude)}
 
 
 def check_top_level(cfg: DictConfig) -> None:

@@ -5,6 +5,8 @@ its tied share. A strategy turns
 scores into a `Selection` (the masks, and how many frozen entries were chosen among exactly tied
 scores); a new strategy is one module here (with `build`, and the `NEEDS_SCORES`,
 `ALLOCATIONS`, `GRANULARITIES` it supports), one YAML in conf/mask/, and one line in STRATEGIES.
+A strategy whose mask moves during fine-tuning (maskrun.masks.dynamic) also has `check(mcfg, shapes)` and
+`moving_mask(mcfg, model, names, seed)`, the callback that decides each step's mask.
 
 Strategies see every tensor neuron-major: a matrix's rows are its output neurons, whatever the
 layout its module stores (GPT-2's Conv1D keeps its weight as (in, out)); the masks they return
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from maskrun.masks import importance, layers, none, random, similarity
+from maskrun.masks import child_tuning, dynamic, importance, layers, lisa, none, random, similarity
 from maskrun.masks.select import Selection
 
 MASK_FILE = "mask.safetensors"
@@ -34,11 +36,29 @@ STRATEGIES = {
     "importance": importance,
     "similarity": similarity,
     "layers": layers,
+    "child_tuning": child_tuning,
+    "lisa": lisa,
 }
 
 
 def needs_scores(mcfg) -> bool:
     return STRATEGIES[mcfg.strategy].NEEDS_SCORES
+
+
+def moves(mcfg) -> bool:
+    """Whether the strategy's mask moves during fine-tuning."""
+    return hasattr(STRATEGIES[mcfg.strategy], "moving_mask")
+
+
+def check_moving(cfg, shapes: dict[str, torch.Size]) -> None:
+    """The checks of a moving mask, given the shapes of the eligible parameters; ConfigError before any work."""
+    dynamic.check(cfg)
+    STRATEGIES[cfg.mask.strategy].check(cfg.mask, shapes)
+
+
+def moving_mask(mcfg, model: torch.nn.Module, names, seed: int) -> dynamic.MovingMask | None:
+    """The fine-tuning callback that moves the mask of the eligible parameters `names`; None for a static mask."""
+    return STRATEGIES[mcfg.strategy].moving_mask(mcfg, model, names, seed) if moves(mcfg) else None
 
 
 def eligible_parameters(model: torch.nn.Module, pretrained: set[str], include, exclude) -> dict[str, torch.Tensor]:
