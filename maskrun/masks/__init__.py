@@ -5,6 +5,8 @@ its tied share. A strategy turns
 scores into a `Selection` (the masks, and how many frozen entries were chosen among exactly tied
 scores); a new strategy is one module here (with `build`, and the `NEEDS_SCORES`,
 `ALLOCATIONS`, `GRANULARITIES` it supports), one YAML in conf/mask/, and one line in STRATEGIES.
+A strategy that chooses after a short fine-tuning pass (lt_sft, movement) also names the
+`SELECTION_RECORD` of that cached pass its scores are (maskrun.masks.selection_pass).
 
 Strategies see every tensor neuron-major: a matrix's rows are its output neurons, whatever the
 layout its module stores (GPT-2's Conv1D keeps its weight as (in, out)); the masks they return
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from maskrun.masks import importance, layers, none, random, similarity
+from maskrun.masks import hft, importance, layers, lt_sft, movement, none, random, similarity, spectrum
 from maskrun.masks.select import Selection
 
 MASK_FILE = "mask.safetensors"
@@ -34,11 +36,21 @@ STRATEGIES = {
     "importance": importance,
     "similarity": similarity,
     "layers": layers,
+    "lt_sft": lt_sft,
+    "movement": movement,
+    "spectrum": spectrum,
+    "hft": hft,
 }
 
 
 def needs_scores(mcfg) -> bool:
     return STRATEGIES[mcfg.strategy].NEEDS_SCORES
+
+
+def selection_record(mcfg) -> str | None:
+    """Which record of the selection pass (maskrun.masks.selection_pass) the strategy's scores are; None for the
+    strategies that need no fine-tuning pass (only those that do declare SELECTION_RECORD)."""
+    return getattr(STRATEGIES[mcfg.strategy], "SELECTION_RECORD", None)
 
 
 def eligible_parameters(model: torch.nn.Module, pretrained: set[str], include, exclude) -> dict[str, torch.Tensor]:
