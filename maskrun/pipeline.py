@@ -24,7 +24,8 @@ from maskrun.devices import resolve_device
 from maskrun.evaluate import interference
 from maskrun.finetune import finetune
 from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, moving_mask, needs_scores,
-                           neuron_axes, read_tied_share, save_mask, write_mask)
+                           neuron_axes, read_tied_share, save_mask, selection_record, write_mask)
+from maskrun.masks.selection_pass import read_record, run_selection_pass, write_records
 from maskrun.masks.scores import compute_scores, read_scores, write_scores
 from maskrun.methods import build_method, dial
 from maskrun.methods.base import Context, trainable_entries
@@ -68,13 +69,25 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
     with stage_timer(timing, "scores"):
         scores_dir, hits["scores"] = fetch_scores(cfg.mask.score) if needs_scores(cfg.mask) else (None, "skipped")
 
+    record = selection_record(cfg.mask)
+    if record:  # lt_sft, movement: the mask's scores are a record of a short fine-tuning pass, its own cached stage
+        with stage_timer(timing, "selection"):
+            scores_dir, hits["selection"] = cache.fetch(
+                "selection", stages.selection(cfg, pretrained_dir),
+                lambda out: write_records(run_selection_pass(cfg.mask, cfg.finetune, cfg.optimizer, pretrained_dir,
+                                                             pretrained_names(pretrained_dir), task, device, cfg.seed,
+                                                             dtype), out))
+
+    def mask_scores() -> dict[str, torch.Tensor] | None:
+        return read_record(scores_dir, record) if record else scores_dir and read_scores(scores_dir)
+
     with stage_timer(timing, "mask"):
         torch.manual_seed(cfg.seed)  # the new head's initialisation must not depend on which stages were cache hits
         model = task.load_model(pretrained_dir, dtype).to(device)
         params = eligible_parameters(model, pretrained_names(pretrained_dir), cfg.mask.include, cfg.mask.exclude)
         mask_dir, hits["mask"] = cache.fetch(
             "mask", stages.mask(cfg, pretrained_dir, scores_dir),
-            lambda out: write_mask(build_mask(cfg.mask, params, scores_dir and read_scores(scores_dir), cfg.seed,
+            lambda out: write_mask(build_mask(cfg.mask, params, mask_scores(), cfg.seed,
                                               neuron_axes(model, params)), out))
         shutil.copyfile(mask_dir / MASK_FILE, run_dir / MASK_FILE)
         frozen, tied_share = load_file(run_dir / MASK_FILE), read_tied_share(mask_dir)

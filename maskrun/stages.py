@@ -34,6 +34,7 @@ STAGE_CODE = {
     "tokenizer": ("maskrun.data.tokenizer", "maskrun.data.corpus"),
     "pretrain": ("maskrun.pretrain", "maskrun.data.corpus"),
     "scores": ("maskrun.masks.scores", "maskrun.data.tasks", "maskrun.tasks"),
+    "selection": ("maskrun.masks.selection_pass", "maskrun.data.tasks", "maskrun.tasks"),
     "mask": ("maskrun.masks",),
     "scratch": ("maskrun.controls", "maskrun.data.tasks", "maskrun.tasks"),
     "result": ("maskrun.job", "maskrun.pipeline"),
@@ -95,6 +96,14 @@ def scores(cfg, mcfg, pretrained_dir: Path) -> dict:
     if mcfg.score == "fisher":
         declared["fisher"] = mcfg.fisher
     return stage_inputs("scores", **declared)
+
+
+def selection(cfg, pretrained_dir: Path) -> dict:
+    """The fine-tuning pass lt_sft and movement choose from: everything that shapes its training, and its length.
+    It records the scores of both strategies, so a sweep over the two fine-tunes once."""
+    return stage_inputs("selection", pretrained=Path(pretrained_dir).name, task=task(cfg.dataset),
+                        finetune=plain(cfg.finetune), optimizer=plain(cfg.optimizer),
+                        select_epochs=cfg.mask.select_epochs, select_steps=cfg.mask.select_steps, seed=cfg.seed)
 
 
 def mask(cfg, pretrained_dir: Path, scores_dir: Path | None) -> dict:

@@ -27,7 +27,7 @@ from maskrun.data.corpus import check_corpus, load_corpus
 from maskrun.data.packaged import packaged_file
 from maskrun.data.tasks import check_task, load_task, task_type
 from maskrun.errors import ConfigError
-from maskrun.masks import STRATEGIES, check_moving, moves, selected
+from maskrun.masks import STRATEGIES, check_moving, moves, selected, selection_record
 from maskrun.methods import METHODS
 from maskrun.masks.importance import FREEZE
 from maskrun.masks.scores import FISHER, SCORES
@@ -141,6 +141,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
     try:
         check_top_level(cfg)
         check_mask(cfg.mask)
+        check_selection_pass(cfg)
         check_model(cfg.model, cfg.pretrain, cfg.finetune)
         if cfg.mask.include or cfg.mask.exclude:
             check_mask_selects(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain), tuple(cfg.mask.include or ()), tuple(cfg.mask.exclude or ()))
@@ -381,8 +382,9 @@ def check_mask(mask: DictConfig) -> None:
         one_of(mask.freeze, FREEZE, "mask.freeze")
     if "fisher" in mask:
         one_of(mask.fisher, FISHER, "mask.fisher")
-    for key in ("calib_batches", "calib_batch_size", "clusters"):
-        if key in mask and not (key == "calib_batches" and mask[key] is None):  # null: the whole training split
+    for key in ("calib_batches", "calib_batch_size", "clusters", "select_epochs", "select_steps"):
+        # null: the whole training split (calib_batches), the whole of select_epochs (select_steps)
+        if key in mask and not (key in ("calib_batches", "select_steps") and mask[key] is None):
             positive_int(mask[key], f"mask.{key}")
     for key in ("include", "exclude"):
         for pattern in mask[key] or []:
@@ -390,6 +392,18 @@ def check_mask(mask: DictConfig) -> None:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"mask.{key} pattern {pattern!r} is not a valid regex: {err}", "fix the pattern") from None
+
+
+def check_selection_pass(cfg: DictConfig) -> None:
+    """What the strategies that choose after a fine-tuning pass (lt_sft, movement) cannot do."""
+    record = selection_record(cfg.mask)
+    if record == "movement" and cfg.finetune.precision == "fp16":
+        # the movement record sums the pass's gradients, which fp16's loss scale (changing during the pass) multiplies
+        raise ConfigError(f"mask={cfg.mask.strategy} accumulates unscaled gradients, and finetune.precision=fp16 "
+                          f"scales them", f"use finetune.precision=bf16 or fp32 with mask={cfg.mask.strategy}")
+    if record and cfg.sequential.dataset and cfg.sequential.remask:
+        raise ConfigError(f"sequential.remask=true rebuilds the mask on task B, and mask={cfg.mask.strategy} would need "
+                          f"a selection pass on task B for that", "set sequential.remask=false, or use another mask")
 
 
 def check_method(cfg: DictConfig) -> None:

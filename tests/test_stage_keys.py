@@ -45,8 +45,9 @@ def fingerprints(monkeypatch, package_root: Path) -> dict[str, str]:
     ("evaluate.py", {"result"}),  # interference, measured after fine-tuning; the task types score themselves
     ("masks/random.py", {"mask", "result"}),
     ("data/tokenizer.py", {"tokenizer", "result"}),
-    # evaluation measures the pretraining objective, and a causal_lm task packs its text as pretraining does
-    ("pretrain.py", {"pretrain", "scores", "scratch", "result"}),
+    # evaluation measures the pretraining objective, and a causal_lm task packs its text as pretraining does (in the
+    # selection pass too)
+    ("pretrain.py", {"pretrain", "scores", "selection", "scratch", "result"}),
     ("methods/lora.py", {"result"}),
     ("report/sweep.py", set()),  # the sweep report reads results; no stage runs it
 ])

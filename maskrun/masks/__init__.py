@@ -7,6 +7,8 @@ scores); a new strategy is one module here (with `build`, and the `NEEDS_SCORES`
 `ALLOCATIONS`, `GRANULARITIES` it supports), one YAML in conf/mask/, and one line in STRATEGIES.
 A strategy whose mask moves during fine-tuning (maskrun.masks.dynamic) also has `check(mcfg, shapes)` and
 `moving_mask(mcfg, model, names, seed)`, the callback that decides each step's mask.
+A strategy that chooses after a short fine-tuning pass (lt_sft, movement) also names the
+`SELECTION_RECORD` of that cached pass its scores are (maskrun.masks.selection_pass).
 
 Strategies see every tensor neuron-major: a matrix's rows are its output neurons, whatever the
 layout its module stores (GPT-2's Conv1D keeps its weight as (in, out)); the masks they return
@@ -21,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from maskrun.masks import child_tuning, dynamic, importance, layers, lisa, none, random, similarity
+from maskrun.masks import (child_tuning, dynamic, hft, importance, layers, lisa, lt_sft, movement, none, random,
+                           similarity, spectrum)
 from maskrun.masks.select import Selection
 
 MASK_FILE = "mask.safetensors"
@@ -36,6 +39,10 @@ STRATEGIES = {
     "importance": importance,
     "similarity": similarity,
     "layers": layers,
+    "lt_sft": lt_sft,
+    "movement": movement,
+    "spectrum": spectrum,
+    "hft": hft,
     "child_tuning": child_tuning,
     "lisa": lisa,
 }
@@ -59,6 +66,12 @@ def check_moving(cfg, shapes: dict[str, torch.Size]) -> None:
 def moving_mask(mcfg, model: torch.nn.Module, names, seed: int) -> dynamic.MovingMask | None:
     """The fine-tuning callback that moves the mask of the eligible parameters `names`; None for a static mask."""
     return STRATEGIES[mcfg.strategy].moving_mask(mcfg, model, names, seed) if moves(mcfg) else None
+
+
+def selection_record(mcfg) -> str | None:
+    """Which record of the selection pass (maskrun.masks.selection_pass) the strategy's scores are; None for the
+    strategies that need no fine-tuning pass (only those that do declare SELECTION_RECORD)."""
+    return getattr(STRATEGIES[mcfg.strategy], "SELECTION_RECORD", None)
 
 
 def eligible_parameters(model: torch.nn.Module, pretrained: set[str], include, exclude) -> dict[str, torch.Tensor]:
