@@ -17,12 +17,14 @@ from transformers import AutoTokenizer
 
 from maskrun import stages
 from maskrun.cache import Cache
+from maskrun.checkpoint import CHECKPOINT_DIR, Checkpointing
 from maskrun.controls import run_controls
 from maskrun.data import load_corpus, load_task
 from maskrun.data.tokenizer import prepare_tokenizer
 from maskrun.devices import resolve_device
 from maskrun.evaluate import interference
 from maskrun.finetune import finetune
+from maskrun.job import hash_config
 from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, needs_scores, neuron_axes,
                            read_tied_share, write_mask)
 from maskrun.masks.scores import compute_scores, read_scores, write_scores
@@ -93,7 +95,11 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
                              "trainable": trainable_entries(model, frozen), "model_entries": model_entries}
 
     with stage_timer(timing, "finetune"):
-        history = finetune(model, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss)
+        checkpointing = Checkpointing(run_dir / CHECKPOINT_DIR, cfg.finetune.checkpoint_every, hash_config(cfg),
+                                      method.generators())
+        history = finetune(model, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss,
+                           checkpointing=checkpointing)
+        metrics["finetune"] = {"resumed_from_step": checkpointing.resumed_from_step}
         model = method.finish(model)
         metrics["artifacts"] |= method.artifacts()
         metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}
