@@ -96,7 +96,9 @@ def run_job(cfg: DictConfig) -> str:
     preempted_by = preemption.received()
     if metrics["status"] == "failed" and (HydraConfig.get().mode == RunMode.RUN or preempted_by):
         print(f"maskrun: run failed: {metrics['error']} (details in {run_dir / 'metrics.json'})", file=sys.stderr)
-        sys.exit(128 + preempted_by if preempted_by else 1)  # a preempted sweep stops too, as its signal asked
+        if preempted_by:  # a preempted sweep stops too, as its signal asked
+            preemption.pass_on(preempted_by)  # the default handler ends the process here; submitit's requeues
+        sys.exit(128 + preempted_by if preempted_by else 1)
     return metrics["status"]
 
 

@@ -3,8 +3,9 @@
 While fine-tuning checkpoints (maskrun.checkpoint), a signal is only noted: the loop checkpoints at the end of the
 current step and raises Preempted, so the rerun of the same command resumes from that step. Anywhere else the signal
 raises Preempted at once, as Ctrl-C raises KeyboardInterrupt: the cache publishes whole entries only, so the rerun
-redoes at most the stage that was running. Either way the job records status failed and exits 128 + the signal's
-number, as a process ended by that signal does.
+redoes at most the stage that was running. Either way the job records status failed, then passes the signal on to
+whatever handled it before the job: by default it ends the process (exit 128 + its number); submitit's handler
+(with SUBMITIT_PREEMPT_SIGNAL=USR1) requeues the job, whose rerun resumes.
 
 No torch here: the job installs the handlers before it knows whether it will compute anything.
 """
@@ -53,6 +54,11 @@ def handled():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def pass_on(signum: signal.Signals) -> None:
+    """After the job: the signal goes to the handler that was there before it (restored by `handled`)."""
+    signal.raise_signal(signum)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import MASKRUN, load_metrics, maskrun, task_of
+from maskrun import preemption
 from maskrun.checkpoint import Checkpointing, decode, encode
 from maskrun.cli import CONFIG_MODULE
 from maskrun.errors import ConfigError
@@ -159,7 +160,7 @@ def test_sigterm_checkpoints_and_stops_the_job_and_the_rerun_resumes_it_to_the_u
     job.send_signal(signal.SIGTERM)
     _, stderr = job.communicate(timeout=300)
     stopped = load_metrics(tmp_path / "run")
-    assert job.returncode == 128 + signal.SIGTERM, stderr
+    assert job.returncode == -signal.SIGTERM, stderr  # ended by the signal it passed on to the default handler
     assert stopped["status"] == "failed" and stopped["error"].startswith("Preempted: SIGTERM received: checkpointed")
     (checkpoint,) = (tmp_path / "run" / "checkpoint").iterdir()
 
@@ -172,3 +173,22 @@ def test_sigterm_checkpoints_and_stops_the_job_and_the_rerun_resumes_it_to_the_u
     weights = (tmp_path / "run" / "finetuned" / "model.safetensors").read_bytes()
     assert weights == (smoke_run / "finetuned" / "model.safetensors").read_bytes()
     assert load_metrics(smoke_run)["finetune"]["resumed_from_step"] is None
+
+
+def test_a_preemption_signal_stops_at_once_outside_fine_tuning_and_waits_for_the_step_inside_it():
+    passed_on = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: passed_on.append(signum))  # e.g. submitit's requeue
+    try:
+        with pytest.raises(preemption.Preempted, match="SIGUSR1 received outside fine-tuning"):
+            with preemption.handled():
+                signal.raise_signal(signal.SIGUSR1)
+                pytest.fail("the signal did not stop the job")
+        with pytest.raises(preemption.Preempted, match="after the last fine-tuning step"):
+            with preemption.handled(), preemption.deferred():
+                signal.raise_signal(signal.SIGUSR1)
+                noted = preemption.received()  # still running: the loop checkpoints first
+        assert noted == signal.SIGUSR1 and passed_on == []
+        preemption.pass_on(preemption.received())
+        assert passed_on == [signal.SIGUSR1]  # the handler from before the job is back and gets the signal
+    finally:
+        signal.signal(signal.SIGUSR1, before)
