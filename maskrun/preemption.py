@@ -64,8 +64,9 @@ def pass_on(signum: signal.Signals) -> None:
 @contextmanager
 def deferred():
     """The fine-tuning loop's scope: a signal is only noted, for the loop to checkpoint and stop at the end of its
-    step. One that arrives after the last step stops the job when the loop ends."""
-    _listener.deferring = True
+    step. One that arrives after the last step stops the job when the loop ends. (One before the loop has already
+    stopped the job: what `received` holds at the start is another job's.)"""
+    _listener.received, _listener.deferring = None, True
     try:
         yield
     finally:

@@ -20,6 +20,7 @@ from maskrun.checkpoint import Checkpointing, decode, encode
 from maskrun.cli import CONFIG_MODULE
 from maskrun.errors import ConfigError
 from maskrun.finetune import Callback, finetune
+from maskrun.job import hash_config
 from maskrun.methods import build_method
 from maskrun.validate import check_config, compose_jobs
 from test_finetune import half_frozen, task, tiny_model, training_configs  # noqa: F401 (task: a fixture)
@@ -192,3 +193,11 @@ def test_a_preemption_signal_stops_at_once_outside_fine_tuning_and_waits_for_the
         assert passed_on == [signal.SIGUSR1]  # the handler from before the job is back and gets the signal
     finally:
         signal.signal(signal.SIGUSR1, before)
+
+
+def test_how_often_a_run_checkpoints_is_no_part_of_its_result_key():
+    def key(*overrides):
+        (cfg,) = compose_jobs(CONFIG_MODULE, "config", list(overrides), multirun=False)
+        return hash_config(cfg)
+
+    assert key("finetune.checkpoint_every=5") == key() != key("finetune.epochs=3")
