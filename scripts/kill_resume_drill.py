@@ -1,11 +1,12 @@
-"""Resume drill: kill -9 a checkpointing smoke run at random fine-tuning steps, rerun it, compare with an uninterrupted run.
+"""Resume drill: kill -9 a checkpointing smoke run at random steps, rerun it, compare with an uninterrupted run.
 
     python scripts/kill_resume_drill.py WORKDIR [--seed N] [--kills 3] [--every 1] [--threads 1]
 
 First one uninterrupted smoke run (no checkpoints). Then, for each of `--kills` distinct steps drawn by a seeded
 choice (the seed is printed), a run with finetune.checkpoint_every=E started against a copy of the reference's
 cache less its results (so that every stage before fine-tuning is a cache hit, and the result is computed again);
-its process group gets SIGKILL as soon as its checkpoint dir shows that step has passed; the same command is run
+its process group gets SIGKILL a random moment (up to 0.1 s, also seeded) after its checkpoint dir shows that step
+has passed, so that the kill lands anywhere in a step or in the writing of a checkpoint; the same command is run
 again and must resume. Checks: the rerun is ok and resumed, its fine-tuned weights are byte for byte the
 uninterrupted run's, and so are its history and its task and interference numbers. Every process runs with the
 same thread count (float sums, hence the last bits, depend on it).
@@ -43,11 +44,12 @@ def checkpointed_steps(run_dir: Path) -> list[int]:
     return [int(p.name.split("-")[1]) for p in (run_dir / "checkpoint").glob("step-*")]
 
 
-def kill_after(process: subprocess.Popen, run_dir: Path, step: int) -> int:
-    """SIGKILL the process group once a checkpoint at `step` or later exists; the newest step seen then."""
+def kill_after(process: subprocess.Popen, run_dir: Path, step: int, delay_s: float) -> int:
+    """SIGKILL the process group `delay_s` after a checkpoint at `step` or later exists; the newest step seen then."""
     while process.poll() is None:
         seen = checkpointed_steps(run_dir)
         if seen and max(seen) >= step:
+            time.sleep(delay_s)
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             return max(seen)
@@ -62,12 +64,13 @@ def result_files(run_dir: Path) -> dict:
             "numbers": {key: metrics[key] for key in SAME}}
 
 
-def drill(workdir: Path, kill_step: int, every: int, threads: int, reference: dict, cache: Path) -> bool:
+def drill(workdir: Path, kill_step: int, delay_s: float, every: int, threads: int, reference: dict,
+          cache: Path) -> bool:
     trial_cache = workdir / f"cache-step{kill_step}"
     shutil.copytree(cache, trial_cache, ignore=lambda folder, names: ["result"] if Path(folder) == cache else [])
     run_dir = workdir / f"killed-step{kill_step}"
     command = [*SMOKE, f"cache_dir={trial_cache}", f"hydra.run.dir={run_dir}", f"finetune.checkpoint_every={every}"]
-    newest = kill_after(maskrun(command, threads), run_dir, kill_step)
+    newest = kill_after(maskrun(command, threads), run_dir, kill_step, delay_s)
     rerun = maskrun(command, threads)
     finish(rerun, f"the rerun after the kill at step {kill_step}")
     resumed = result_files(run_dir)
@@ -79,7 +82,7 @@ def drill(workdir: Path, kill_step: int, every: int, threads: int, reference: di
         "task and interference identical": resumed["numbers"] == reference["numbers"],
         "checkpoint removed": not (run_dir / "checkpoint").exists(),
     }
-    print(f"kill -9 after step {kill_step} (newest checkpoint seen: step {newest}), rerun resumed from step "
+    print(f"kill -9 {delay_s:.3f} s after step {kill_step} (newest checkpoint seen: step {newest}), resumed from step "
           f"{resumed_from}: " + ", ".join(f"{name} {ok}" for name, ok in checks.items()))
     return all(checks.values())
 
@@ -103,9 +106,11 @@ def main() -> None:
     steps = len(json.loads(reference["history"])["train"])
     print(f"uninterrupted run: {steps} fine-tuning steps, {reference['metrics']['cpu_threads']} threads, "
           f"{time.perf_counter() - start:.0f} s")
-    kill_steps = sorted(random.Random(seed).sample(range(1, steps), args.kills))
+    rng = random.Random(seed)
+    kill_steps = sorted(rng.sample(range(1, steps), args.kills))
     print(f"kill steps {kill_steps} (seed {seed}), checkpoint every {args.every} steps")
-    ok = all([drill(args.workdir, step, args.every, args.threads, reference, cache) for step in kill_steps])
+    ok = all([drill(args.workdir, step, rng.uniform(0, 0.1), args.every, args.threads, reference, cache)
+              for step in kill_steps])
     print("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 
