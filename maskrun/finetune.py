@@ -7,6 +7,8 @@ Recipes from the masking literature, all off by default:
   with probability p (augmentation; evaluation always sees the clean text).
 - `finetune.early_stopping_patience=P`: stop after P epochs without a better validation result (by the task's
   metric) and restore the best model (kept in memory) before evaluation.
+- `finetune.checkpoint_every=S`: checkpoint the whole training state every S steps (maskrun.checkpoint); a rerun
+  resumes from the last checkpoint and ends bit for bit as an uninterrupted run.
 """
 
 import math
@@ -15,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import get_scheduler
 
+from maskrun.checkpoint import Checkpointing, Position
 from maskrun.optim import MaskedOptimizer
 from maskrun.progress import StageProgress
 
@@ -63,6 +66,12 @@ class Phase:
         return grad_norm
 
 
+def released_phase(model, fcfg, ocfg, steps: int) -> Phase:
+    """After finetune.unfreeze_after: every entry trains, under a fresh optimizer and schedule over `steps`."""
+    model.requires_grad_(True)
+    return Phase(model, {}, fcfg, ocfg, steps)
+
+
 class Callback:
     """What watches or steers fine-tuning from outside the loop (a tracker, a mask that moves); each hook's default
     does nothing."""
@@ -100,13 +109,14 @@ class EarlyStopping:
 
 def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: torch.device, seed: int,
              extra_loss: Callable[[torch.nn.Module, int], torch.Tensor | None] | None = None,
-             callbacks: Sequence[Callback] = ()) -> dict:
+             callbacks: Sequence[Callback] = (), checkpointing: Checkpointing | None = None) -> dict:
     """Train `model` on the training split of `task` (a maskrun.tasks TaskType); returns the loss and validation
     history.
 
     The parameters that train are those with requires_grad, less the entries `frozen` holds;
     `extra_loss(model, step)`, when given, is what a method adds to the task loss of every
-    micro-batch of step `step` (penalties, replay); `callbacks` are called around every step and validation.
+    micro-batch of step `step` (penalties, replay); `callbacks` are called around every step and validation;
+    `checkpointing` says where and how often to checkpoint, and a checkpoint found there is resumed.
 
     `history["selected"]` is the validation result of the model left in `model` (the best one under
     early stopping, else the last); `optimizer_state_bytes` is the largest over the phases.
@@ -124,18 +134,28 @@ def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: t
     order_generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator().manual_seed(seed + 1)
     history = {"train": [], "validation": [], "selected": None, "optimizer_state_bytes": 0}
-    step = 0
-    with StageProgress("finetune", total=steps_per_epoch * fcfg.epochs) as progress:
-        for epoch in range(1, fcfg.epochs + 1):
-            if epoch == masked_epochs + 1:
+    step, first_epoch = 0, 1
+    checkpointing = checkpointing or Checkpointing(None)
+    checkpoint = checkpointing.latest()
+    if checkpoint is not None:
+        if checkpoint.position.released:
+            phase = released_phase(model, fcfg, ocfg, steps_per_epoch * (fcfg.epochs - masked_epochs))
+        checkpointing.restore(checkpoint, model, phase, scaler, stopping, history,
+                              {"order": order_generator, "noise": noise_generator})
+        step, first_epoch = checkpoint.position.step, checkpoint.position.epoch
+    with StageProgress("finetune", total=steps_per_epoch * fcfg.epochs) as progress, \
+            checkpointing.deferring_preemption():
+        for epoch in range(first_epoch, fcfg.epochs + 1):
+            taken = step - (epoch - 1) * steps_per_epoch  # the steps of this epoch a resumed run took before
+            if epoch == masked_epochs + 1 and taken == 0:
                 history["optimizer_state_bytes"] = phase.optimizer.state_bytes()
-                model.requires_grad_(True)
-                phase = Phase(model, {}, fcfg, ocfg, steps_per_epoch * (fcfg.epochs - masked_epochs))
+                phase = released_phase(model, fcfg, ocfg, steps_per_epoch * (fcfg.epochs - masked_epochs))
             model.train()
+            epoch_order = order_generator.get_state()  # a resumed epoch draws its order again from here
             order = torch.randperm(len(examples), generator=order_generator).tolist()
             batches = [order[i:i + fcfg.batch_size] for i in range(0, len(order), fcfg.batch_size)]
             groups = [batches[i:i + fcfg.grad_accum] for i in range(0, len(batches), fcfg.grad_accum)]
-            for group in groups:
+            for group in groups[taken:]:
                 # Each micro-batch's mean loss is weighted by its share of the group's examples, so that
                 # the step's gradient and loss are the means over the group (also a short last group).
                 group_size = sum(len(rows) for rows in group)
@@ -161,6 +181,10 @@ def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: t
                 history["train"].append(record)
                 for callback in callbacks:
                     callback.on_step_end(step, model, phase.optimizer, record)
+                if checkpointing.due(step):
+                    checkpointing.save(Position(epoch, step, released=epoch > masked_epochs), model, phase, scaler,
+                                       stopping, history, {"order": epoch_order, "noise": noise_generator.get_state()})
+                    checkpointing.stop_if_preempted(step)
                 progress.advance(loss=step_loss)
             validation = {"step": step, "epoch": epoch, **task.evaluate(model, "validation", device)}
             history["validation"].append(validation)

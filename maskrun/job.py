@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from maskrun import stages
+from maskrun import preemption, stages
 from maskrun.cache import Cache, cache_key
 from maskrun.devices import gpu_lease
 from maskrun.progress import console
@@ -93,23 +93,28 @@ def run_job(cfg: DictConfig) -> str:
         cache.close()
     write_run_report(run_dir, metrics)
     print_summary(run_dir, metrics)
-    if metrics["status"] == "failed" and HydraConfig.get().mode == RunMode.RUN:
+    preempted_by = preemption.received()
+    if metrics["status"] == "failed" and (HydraConfig.get().mode == RunMode.RUN or preempted_by):
         print(f"maskrun: run failed: {metrics['error']} (details in {run_dir / 'metrics.json'})", file=sys.stderr)
-        sys.exit(1)
+        if preempted_by:  # a preempted sweep stops too, as its signal asked
+            preemption.pass_on(preempted_by)  # the default handler ends the process here; submitit's requeues
+        sys.exit(128 + preempted_by if preempted_by else 1)
     return metrics["status"]
 
 
 def compute(cfg: DictConfig, cache: Cache, run_dir: Path, metrics: dict, result_dir: Path) -> None:
     """Runs the pipeline into run_dir and records metrics.json; an ok run's results go to result_dir too."""
-    from maskrun import pipeline  # torch and transformers: not needed to reuse a finished job
+    from maskrun import checkpoint, pipeline  # torch and transformers: not needed to reuse a finished job
 
     with gpu_lease(str(cfg.device)) as gpu:  # before any CUDA call
         metrics["lease"].update(gpu=gpu, start=time.time())
         start = time.perf_counter()
         try:
-            pipeline.run(cfg, cache, run_dir, metrics)
+            with preemption.handled():
+                pipeline.run(cfg, cache, run_dir, metrics)
             metrics["status"] = "ok"
             metrics["cache"]["result"] = "miss"
+            checkpoint.discard(run_dir)
         except Exception as err:  # recorded, not raised: a failed job is a result too
             metrics["status"] = "failed"
             metrics["error"] = f"{type(err).__name__}: {' '.join(str(err).split())}"

@@ -17,12 +17,14 @@ from transformers import AutoTokenizer
 
 from maskrun import stages
 from maskrun.cache import Cache
+from maskrun.checkpoint import CHECKPOINT_DIR, Checkpointing
 from maskrun.controls import run_controls
 from maskrun.data import load_corpus, load_task
 from maskrun.data.tokenizer import prepare_tokenizer
 from maskrun.devices import resolve_device
 from maskrun.evaluate import interference
 from maskrun.finetune import finetune
+from maskrun.job import hash_config
 from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, moving_mask, needs_scores,
                            neuron_axes, read_tied_share, save_mask, selection_record, write_mask)
 from maskrun.masks.selection_pass import read_record, run_selection_pass, write_records
@@ -107,8 +109,11 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
 
     with stage_timer(timing, "finetune"):
         moving = moving_mask(cfg.mask, model, frozen.keys(), cfg.seed)  # None unless the mask moves while training
+        checkpointing = Checkpointing(run_dir / CHECKPOINT_DIR, cfg.finetune.checkpoint_every, hash_config(cfg),
+                                      method.generators())
         history = finetune(model, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss,
-                           callbacks=[moving] if moving else [])
+                           callbacks=[moving] if moving else [], checkpointing=checkpointing)
+        metrics["finetune"] = {"resumed_from_step": checkpointing.resumed_from_step}
         if moving:  # the run's mask: the entries frozen at every step
             frozen = moving.frozen_throughout()
             save_mask(frozen, run_dir / MASK_FILE)

@@ -45,6 +45,11 @@ def plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def training(fcfg) -> dict:
+    """The fine-tuning settings that decide what it computes: how often it checkpoints does not."""
+    return {key: value for key, value in plain(fcfg).items() if key != "checkpoint_every"}
+
+
 def stage_inputs(stage: str, **declared) -> dict:
     return {"code": code_fingerprint(STAGE_CODE[stage]), "libraries": library_versions(), **declared}
 
@@ -114,12 +119,13 @@ def mask(cfg, pretrained_dir: Path, scores_dir: Path | None) -> dict:
 def scratch(cfg, tokenizer_dir: Path) -> dict:
     """The control depends on everything that shapes the task model's training, but not on the mask."""
     return stage_inputs("scratch", tokenizer=Path(tokenizer_dir).name, seed=cfg.seed, model=model(cfg.model),
-                        dataset=task(cfg.dataset), finetune=plain(cfg.finetune), optimizer=plain(cfg.optimizer))
+                        dataset=task(cfg.dataset), finetune=training(cfg.finetune), optimizer=plain(cfg.optimizer))
 
 
 def result(cfg) -> dict:
     """Everything that decides a job's results (where the cache lives does not), files named by path included."""
     settings = plain(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "cache_dir")]))
+    settings["finetune"] = training(cfg.finetune)
     datasets = [cfg.dataset] + ([cfg.sequential.dataset] if cfg.sequential.dataset else [])
     files = {"model": model(cfg.model), "tasks": [task(d) for d in datasets], "corpora": [corpus(d) for d in datasets]}
     return stage_inputs("result", settings=settings, files=files)

@@ -468,6 +468,8 @@ def check_finetune_recipe(fcfg: DictConfig, ocfg: DictConfig) -> None:
                           "e.g. finetune.input_mask_prob=0.1")
     if fcfg.early_stopping_patience is not None:
         positive_int(fcfg.early_stopping_patience, "finetune.early_stopping_patience")
+    if fcfg.checkpoint_every is not None:
+        positive_int(fcfg.checkpoint_every, "finetune.checkpoint_every")
     if fcfg.unfreeze_after is not None:
         positive_int(fcfg.unfreeze_after, "finetune.unfreeze_after")
         if fcfg.unfreeze_after >= fcfg.epochs:

@@ -35,6 +35,11 @@ class Method:
         """Added to the task loss of every micro-batch of optimizer step `step` (1-based)."""
         return None
 
+    def generators(self) -> dict[str, torch.Generator]:
+        """The random generators of its own that fine-tuning draws from (after prepare), by name: a checkpoint keeps
+        their states."""
+        return {}
+
     def finish(self, model: torch.nn.Module) -> torch.nn.Module:
         """The fine-tuned model to evaluate and save."""
         return model

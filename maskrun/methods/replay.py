@@ -72,6 +72,9 @@ class Replay(base.Method):
         self.generator = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET)
         return model
 
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"replay": self.generator}
+
     def extra_loss(self, model: torch.nn.Module, step: int) -> torch.Tensor | None:
         from maskrun.finetune import AUTOCAST_DTYPES
         from maskrun.pretrain import objective_batch, objective_loss
