@@ -8,7 +8,8 @@
                           CUDA, the loop's order and noise generators, a method's own, e.g. replay's)
     best.safetensors      early stopping's best weights, when there are any
     state.json            everything else: position (epoch, step), phase, history, early stopping's best result,
-                          the scheduler, the GradScaler, the optimizer's settings, and the config's fingerprint
+                          the scheduler, the GradScaler, the optimizer's settings, the callbacks' state (a mask that
+                          moves: its generator and what it froze so far), and the config's fingerprint
 
 It is written to a temporary directory, fsynced and renamed into place; the older ones are removed only then, so a
 kill at any moment leaves the last complete checkpoint. Tensors go to safetensors, the rest to JSON: never a pickle.
@@ -152,18 +153,20 @@ class Checkpointing:
         return None
 
     def save(self, position: Position, model: torch.nn.Module, phase, scaler: torch.amp.GradScaler, stopping,
-             history: dict, rng: dict[str, torch.Tensor]) -> None:
+             history: dict, rng: dict[str, torch.Tensor], callbacks=()) -> None:
         """Writes `run_dir/checkpoint/step-N` whole or not at all (rank 0 only); `phase` is a maskrun.finetune.Phase,
         `stopping` its EarlyStopping, `rng` the loop's generator states (the order generator's at the epoch's start)."""
         if is_writer():
             self.publish(position.step, lambda out: self.write(out, position, model, phase, scaler, stopping,
-                                                               history, rng))
+                                                               history, rng, callbacks))
         if dist.is_initialized():
             dist.barrier()  # no rank goes on (or stops) before the checkpoint is whole
 
-    def write(self, out: Path, position: Position, model, phase, scaler, stopping, history, rng) -> None:
-        save_file({name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad},
-                  out / MODEL_FILE)
+    def write(self, out: Path, position: Position, model, phase, scaler, stopping, history, rng, callbacks) -> None:
+        # What the optimizer may have moved: a mask that moves (lisa) switches requires_grad off for what has trained.
+        optimized = {id(t) for t in phase.optimizer.trainable_tensors()}
+        save_file({name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
+                   if p.requires_grad or id(p) in optimized}, out / MODEL_FILE)
         tensors = {f"rng.{name}": state for name, state in rng.items()}
         tensors |= {f"rng.{name}": generator.get_state() for name, generator in self.generators.items()}
         tensors["rng.torch"] = torch.get_rng_state()
@@ -177,6 +180,8 @@ class Checkpointing:
             "optimizer": encode(phase.optimizer.optimizer.state_dict(), tensors, "optimizer"),
             "scheduler": encode(phase.scheduler.state_dict(), tensors, "scheduler"),
             "scaler": encode(scaler.state_dict(), tensors, "scaler"),
+            "callbacks": {type(callback).__name__: encode(callback.state_dict(), tensors, type(callback).__name__)
+                          for callback in callbacks if callback.state_dict()},
         }
         save_file(tensors, out / TENSORS_FILE)
         if stopping.best_state is not None:
@@ -202,7 +207,7 @@ class Checkpointing:
                 shutil.rmtree(other)
 
     def restore(self, checkpoint: Checkpoint, model: torch.nn.Module, phase, scaler: torch.amp.GradScaler, stopping,
-                history: dict, generators: dict[str, torch.Generator]) -> None:
+                history: dict, generators: dict[str, torch.Generator], callbacks=()) -> None:
         """Puts the state of `checkpoint` back into the loop's objects (`phase` already the checkpoint's phase);
         `generators` are the loop's, by the names `save` was given their states under."""
         state, path = checkpoint.state, checkpoint.path
@@ -218,6 +223,9 @@ class Checkpointing:
             stopping.best_state = load_file(path / BEST_FILE, device=str(next(model.parameters()).device))
         history.clear()
         history.update(state["history"])
+        for callback in callbacks:  # those that keep state: a mask that moves
+            if type(callback).__name__ in state["callbacks"]:
+                callback.load_state_dict(decode(state["callbacks"][type(callback).__name__], tensors))
         for name, generator in (generators | self.generators).items():
             generator.set_state(tensors[f"rng.{name}"])
         torch.set_rng_state(tensors["rng.torch"])

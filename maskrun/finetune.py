@@ -85,6 +85,13 @@ class Callback:
     def on_validation(self, record: dict) -> None:
         """After an epoch's validation; `record` is its history["validation"] entry."""
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep for a resumed run to go on as this one would (tensors, JSON values)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Puts back what `state_dict` returned, at the end of the checkpoint's step."""
+
 
 class EarlyStopping:
     """Tracks the best validation result by the task's metric; keeps a copy of the best model's weights."""
@@ -141,7 +148,7 @@ def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: t
         if checkpoint.position.released:
             phase = released_phase(model, fcfg, ocfg, steps_per_epoch * (fcfg.epochs - masked_epochs))
         checkpointing.restore(checkpoint, model, phase, scaler, stopping, history,
-                              {"order": order_generator, "noise": noise_generator})
+                              {"order": order_generator, "noise": noise_generator}, callbacks)
         step, first_epoch = checkpoint.position.step, checkpoint.position.epoch
     with StageProgress("finetune", total=steps_per_epoch * fcfg.epochs) as progress, \
             checkpointing.deferring_preemption():
@@ -183,7 +190,8 @@ def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: t
                     callback.on_step_end(step, model, phase.optimizer, record)
                 if checkpointing.due(step):
                     checkpointing.save(Position(epoch, step, released=epoch > masked_epochs), model, phase, scaler,
-                                       stopping, history, {"order": epoch_order, "noise": noise_generator.get_state()})
+                                       stopping, history, {"order": epoch_order, "noise": noise_generator.get_state()},
+                                       callbacks)
                     checkpointing.stop_if_preempted(step)
                 progress.advance(loss=step_loss)
             validation = {"step": step, "epoch": epoch, **task.evaluate(model, "validation", device)}

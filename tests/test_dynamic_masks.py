@@ -219,3 +219,36 @@ def test_a_run_records_what_its_moving_mask_froze_and_moved(strategy, overrides,
     else:
         assert mask["layers_activated"] == [draw["layers"][0] for draw in mask["layer_draws"]] and mask["layers"] == 2
         assert 0 < mask["ratio_actual"] < 0.5 and mask["step_frozen_share"] == pytest.approx(mask["ratio_actual"])
+
+
+class StopBefore(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, step, model, optimizer):
+        if step == self.step:
+            raise KeyboardInterrupt  # stands for the end of the process
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_run_under_a_moving_mask_resumed_from_a_checkpoint_ends_bit_identical(tmp_path, tokenizer, task, strategy):
+    from maskrun.checkpoint import Checkpointing
+
+    fcfg, ocfg = training_configs("adamw")
+
+    def run(directory=None, stop_before=None):
+        model = tiny_model(tokenizer)
+        moving = moving_mask(mask_cfg(strategy), model, backbone(model), seed=0)
+        callbacks = [moving] + ([StopBefore(stop_before)] if stop_before else [])
+        finetune(model, task_of(task, tokenizer, fcfg.max_length), {}, fcfg, ocfg, torch.device("cpu"), seed=0,
+                 callbacks=callbacks, checkpointing=Checkpointing(directory, 1, "config"))
+        return model, moving
+
+    uninterrupted, expected = run()
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, stop_before=4)  # lisa: a layer trained at steps 1-2 is inactive at step 3
+    resumed, moving = run(tmp_path)
+
+    assert moving.record() == expected.record()
+    for (name, param), (_, reference) in zip(resumed.named_parameters(), uninterrupted.named_parameters(), strict=True):
+        assert torch.equal(param, reference), f"{name} differs from the uninterrupted run's"

@@ -51,6 +51,16 @@ class MovingMask(ABC):
     def on_validation(self, record: dict) -> None:
         """Validation changes nothing of the mask."""
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (maskrun.checkpoint): the generator and what was frozen so far."""
+        return {"generator": self.generator.get_state(), "ever_trainable": dict(self.ever_trainable),
+                "frozen_per_step": list(self.frozen_per_step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.ever_trainable = {name: t.to(self.params[name].device) for name, t in state["ever_trainable"].items()}
+        self.frozen_per_step = list(state["frozen_per_step"])
+
     def frozen_throughout(self) -> dict[str, torch.Tensor]:
         """The entries frozen at every step: the run's mask.safetensors."""
         return {name: (~trained).cpu() for name, trained in self.ever_trainable.items()}

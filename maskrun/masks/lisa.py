@@ -74,11 +74,23 @@ class Lisa(MovingMask):
             self.draws.append({"step": step, "layers": self.active_now})
             for i, layer in enumerate(self.layers):
                 for name in layer:
-                    param = self.params[name]
                     if i not in self.active_now:
-                        optimizer.optimizer.state.pop(param, None)
-                    param.requires_grad_(i in self.active_now)
+                        optimizer.optimizer.state.pop(self.params[name], None)
+            self.activate()
         super().on_step_begin(step, model, optimizer)
+
+    def activate(self) -> None:
+        for i, layer in enumerate(self.layers):
+            for name in layer:
+                self.params[name].requires_grad_(i in self.active_now)
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"active_now": self.active_now, "draws": self.draws}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.active_now, self.draws = list(state["active_now"]), list(state["draws"])
+        self.activate()
 
     def record(self) -> dict:
         return super().record() | {
