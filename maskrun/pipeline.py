@@ -23,6 +23,8 @@ from maskrun.data.tokenizer import prepare_tokenizer
 from maskrun.devices import resolve_device
 from maskrun.evaluate import interference
 from maskrun.finetune import finetune
+from maskrun.loggers import Trackers
+from maskrun.loggers.curves import TrainingCurves
 from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, needs_scores, neuron_axes,
                            read_tied_share, write_mask)
 from maskrun.masks.scores import compute_scores, read_scores, write_scores
@@ -34,8 +36,10 @@ from maskrun.sequential import fine_tune_next
 from maskrun.tasks import build_task
 
 
-def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
-    """Runs the arrow for `cfg`, filling `metrics` stage by stage (so a failure keeps what was done)."""
+def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | None = None) -> None:
+    """Runs the arrow for `cfg`, filling `metrics` stage by stage (so a failure keeps what was done); `trackers`
+    see the pretraining steps (when pretraining runs) and the fine-tuning curves."""
+    trackers = trackers or Trackers(cfg, None, [])
     device = resolve_device(cfg.device)
     timing, hits = metrics.setdefault("timing", {}), metrics.setdefault("cache", {})
     metrics["device"] = str(device)
@@ -55,7 +59,8 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
     with stage_timer(timing, "pretrain"):
         pretrained_dir, hits["pretrain"] = cache.fetch(
             "pretrain", stages.pretrain(cfg, tokenizer_dir),
-            lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed))
+            lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed,
+                                 trackers.log_pretrain_step))
         metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": MASK_FILE, "finetuned": None,
                                 "adapter": None}
 
@@ -93,7 +98,8 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
                              "trainable": trainable_entries(model, frozen), "model_entries": model_entries}
 
     with stage_timer(timing, "finetune"):
-        history = finetune(model, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss)
+        history = finetune(model, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss,
+                           callbacks=[TrainingCurves(trackers)])
         model = method.finish(model)
         metrics["artifacts"] |= method.artifacts()
         metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}
