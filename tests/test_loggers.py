@@ -173,3 +173,29 @@ def test_only_rank_zero_opens_trackers(monkeypatch, tmp_path):
     assert trackers.open == {} and not (tmp_path / "csv").exists()
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     assert is_rank_zero()
+
+
+def test_failed_job_ends_its_tracker_runs_failed_with_the_steps_before_it(tmp_path):
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from maskrun.job import run_job
+
+    with initialize_config_module("maskrun.conf", version_base="1.3"):
+        cfg = compose("config", ["experiment=smoke", f"cache_dir={tmp_path / 'cache'}", "pretrain.lr=1e30",
+                                 "logger=[mlflow,csv]"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+        cfg.hydra.mode = RunMode.RUN
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(SystemExit):
+        run_job(cfg)
+    assert load_metrics(tmp_path)["status"] == "failed"
+    (run,) = mlflow_runs(tmp_path / "mlruns", tmp_path).to_dict("records")
+    assert run["status"] == "FAILED" and run["params.reused"] == "False"
+    with open(only_dir(tmp_path / "csv") / "metrics.csv", newline="") as file:
+        pretrain_steps = [int(row["step"]) for row in csv.DictReader(file) if row["name"] == "pretrain/loss"]
+    assert pretrain_steps == list(range(1, len(pretrain_steps) + 1)) and pretrain_steps  # up to the step that diverged
+    assert json.loads((only_dir(tmp_path / "csv") / "hparams.json").read_text())["status"] == "failed"

@@ -121,8 +121,9 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Scalar]:
 
     choices = {group: option for group, option in HydraConfig.get().runtime.choices.items() if not group.startswith("hydra")}
     choices["logger"] = ",".join(chosen(cfg))  # a list-valued group: Hydra records no choice for it
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    return params | flatten({"choices": choices})
+    settings = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+                for key, value in cfg.items() if key != "hydra"}  # Hydra's own node, where present, is no setting
+    return flatten(settings) | flatten({"choices": choices})
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Scalar]:
