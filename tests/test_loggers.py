@@ -199,3 +199,12 @@ def test_failed_job_ends_its_tracker_runs_failed_with_the_steps_before_it(tmp_pa
         pretrain_steps = [int(row["step"]) for row in csv.DictReader(file) if row["name"] == "pretrain/loss"]
     assert pretrain_steps == list(range(1, len(pretrain_steps) + 1)) and pretrain_steps  # up to the step that diverged
     assert json.loads((only_dir(tmp_path / "csv") / "hparams.json").read_text())["status"] == "failed"
+
+
+def test_a_shared_save_dir_keeps_each_sweep_in_its_own_folder(tmp_path):
+    from maskrun.loggers import TrackedRun
+
+    run = TrackedRun(tmp_path / "sweep", "outputs/multirun/2026-01-01/10-00-00", "0_mask.ratio=0.2", tmp_path / "sweep" / "0")
+    assert run.job_dir(None, "tensorboard") == tmp_path / "sweep" / "tensorboard" / "0_mask.ratio=0.2"
+    assert run.job_dir(str(tmp_path / "tb"), "tensorboard") == (
+        tmp_path / "tb" / "outputs-multirun-2026-01-01-10-00-00" / "0_mask.ratio=0.2")

@@ -18,6 +18,13 @@ class TrackedRun:
     name: str      # the job within its sweep (TensorBoard and CSV sub-directory, MLflow and W&B run name)
     run_dir: Path  # the job's own output dir, which holds report.md and plots/
 
+    def job_dir(self, save_dir: str | None, default: str) -> Path:
+        """A file-based tracker's directory for this job: <root>/<default>/<job>, or under a `save_dir` that
+        several sweeps may share, <save_dir>/<sweep>/<job>."""
+        if save_dir:
+            return Path(save_dir) / self.group.strip("/").replace("/", "-") / self.name
+        return self.root / default / self.name
+
 
 class Tracker(ABC):
     """One tracker's run for one job. Its library is imported when it opens, so that the registry imports none."""

@@ -14,7 +14,7 @@ class CSVTracker(Tracker):
     NAME, LIBRARY, PACKAGE = "csv", "csv", "the Python standard library"
 
     def __init__(self, settings: DictConfig, run: TrackedRun):
-        self.dir = (Path(settings.save_dir) if settings.save_dir else run.root / "csv") / run.name
+        self.dir = run.job_dir(settings.save_dir, "csv")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.file = open(self.dir / "metrics.csv", "w", newline="")
         self.rows = csv.writer(self.file)

@@ -13,8 +13,7 @@ class TensorBoardTracker(Tracker):
     def __init__(self, settings: DictConfig, run: TrackedRun):
         from torch.utils.tensorboard import SummaryWriter
 
-        root = Path(settings.save_dir) if settings.save_dir else run.root / "tensorboard"
-        self.writer = SummaryWriter(log_dir=str(root / run.name))
+        self.writer = SummaryWriter(log_dir=str(run.job_dir(settings.save_dir, "tensorboard")))
         self.hparams: dict[str, Scalar] = {}
         self.summary: dict[str, float] = {}
 
