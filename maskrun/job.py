@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from maskrun import preemption, stages
 from maskrun.cache import Cache, cache_key
 from maskrun.devices import gpu_lease
+from maskrun.loggers import Trackers, job_trackers
 from maskrun.progress import console
 from maskrun.provenance import versions
 from maskrun.report.run import print_summary, write_run_report
@@ -77,13 +78,17 @@ def run_job(cfg: DictConfig) -> str:
     config_hash = hash_config(cfg)
     if finished_before(run_dir, config_hash):
         console.print(f"maskrun: reused finished run {run_dir} (config {config_hash})")
+        finished = json.loads((run_dir / "metrics.json").read_text())
+        job_trackers(cfg, run_dir, config_hash, finished=True).finish(finished, config_hash, reused=True)
         return "ok"
     for name in RESULT_FILES:  # another config's results: a crash must not leave them here
         remove(run_dir / name)
     metrics = new_metrics(cfg, config_hash)
     cache = Cache(cfg.cache_dir)
+    trackers = job_trackers(cfg, run_dir, config_hash)
     try:
-        entry, status = cache.fetch("result", stages.result(cfg), lambda out: compute(cfg, cache, run_dir, metrics, out))
+        entry, status = cache.fetch("result", stages.result(cfg),
+                                    lambda out: compute(cfg, cache, run_dir, metrics, out, trackers))
         if status == "hit":
             metrics = restore(entry, run_dir, metrics)
             console.print(f"maskrun: reused the cached result {entry}")
@@ -92,6 +97,7 @@ def run_job(cfg: DictConfig) -> str:
     finally:
         cache.close()
     write_run_report(run_dir, metrics)
+    trackers.finish(metrics, config_hash, reused="reused_result" in metrics)
     print_summary(run_dir, metrics)
     preempted_by = preemption.received()
     if metrics["status"] == "failed" and (HydraConfig.get().mode == RunMode.RUN or preempted_by):
@@ -102,7 +108,7 @@ def run_job(cfg: DictConfig) -> str:
     return metrics["status"]
 
 
-def compute(cfg: DictConfig, cache: Cache, run_dir: Path, metrics: dict, result_dir: Path) -> None:
+def compute(cfg: DictConfig, cache: Cache, run_dir: Path, metrics: dict, result_dir: Path, trackers: Trackers) -> None:
     """Runs the pipeline into run_dir and records metrics.json; an ok run's results go to result_dir too."""
     from maskrun import checkpoint, pipeline  # torch and transformers: not needed to reuse a finished job
 
@@ -110,8 +116,9 @@ def compute(cfg: DictConfig, cache: Cache, run_dir: Path, metrics: dict, result_
         metrics["lease"].update(gpu=gpu, start=time.time())
         start = time.perf_counter()
         try:
+            trackers.start()  # a tracker that cannot open fails the job, before its work
             with preemption.handled():
-                pipeline.run(cfg, cache, run_dir, metrics)
+                pipeline.run(cfg, cache, run_dir, metrics, trackers)
             metrics["status"] = "ok"
             metrics["cache"]["result"] = "miss"
             checkpoint.discard(run_dir)

@@ -25,6 +25,8 @@ from maskrun.devices import resolve_device
 from maskrun.evaluate import interference
 from maskrun.finetune import finetune
 from maskrun.job import hash_config
+from maskrun.loggers import Trackers
+from maskrun.loggers.curves import TrainingCurves
 from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, moving_mask, needs_scores,
                            neuron_axes, read_tied_share, save_mask, selection_record, write_mask)
 from maskrun.masks.selection_pass import read_record, run_selection_pass, write_records
@@ -37,8 +39,10 @@ from maskrun.sequential import fine_tune_next
 from maskrun.tasks import build_task
 
 
-def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
-    """Runs the arrow for `cfg`, filling `metrics` stage by stage (so a failure keeps what was done)."""
+def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | None = None) -> None:
+    """Runs the arrow for `cfg`, filling `metrics` stage by stage (so a failure keeps what was done); `trackers`
+    see the pretraining steps (when pretraining runs) and the fine-tuning curves."""
+    trackers = trackers or Trackers(cfg, None, [])
     device = resolve_device(cfg.device)
     timing, hits = metrics.setdefault("timing", {}), metrics.setdefault("cache", {})
     metrics["device"] = str(device)
@@ -58,7 +62,8 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
     with stage_timer(timing, "pretrain"):
         pretrained_dir, hits["pretrain"] = cache.fetch(
             "pretrain", stages.pretrain(cfg, tokenizer_dir),
-            lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed))
+            lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed,
+                                 trackers.log_pretrain_step))
         metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": MASK_FILE, "finetuned": None,
                                 "adapter": None}
 
@@ -112,7 +117,8 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
         checkpointing = Checkpointing(run_dir / CHECKPOINT_DIR, cfg.finetune.checkpoint_every, hash_config(cfg),
                                       method.generators())
         history = finetune(model, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss,
-                           callbacks=[moving] if moving else [], checkpointing=checkpointing)
+                           callbacks=[TrainingCurves(trackers)] + ([moving] if moving else []),
+                           checkpointing=checkpointing)
         metrics["finetune"] = {"resumed_from_step": checkpointing.resumed_from_step}
         if moving:  # the run's mask: the entries frozen at every step
             frozen = moving.frozen_throughout()

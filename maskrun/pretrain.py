@@ -6,6 +6,7 @@ forgetting cannot be measured (cka and drift_l2 still are).
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -80,7 +81,9 @@ def objective_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, objecti
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
 
-def pretrain(mcfg, pcfg, texts: list[str], tokenizer_dir: Path, out_dir: Path, device: torch.device, seed: int) -> None:
+def pretrain(mcfg, pcfg, texts: list[str], tokenizer_dir: Path, out_dir: Path, device: torch.device, seed: int,
+             on_step: Callable[[dict], None] | None = None) -> None:
+    """Pretrains (or saves as is) the backbone into out_dir; `on_step`, when given, sees each step's history record."""
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.save_pretrained(out_dir)
@@ -89,13 +92,13 @@ def pretrain(mcfg, pcfg, texts: list[str], tokenizer_dir: Path, out_dir: Path, d
         save_backbone(pretrained_source(mcfg), tokenizer, out_dir, torch_dtype(mcfg))
         return
     model = build_pretraining_model(mcfg, tokenizer).to(device)
-    history = train_objective(model, tokenizer, objective, pcfg, texts, device, seed) if pcfg.steps else []
+    history = train_objective(model, tokenizer, objective, pcfg, texts, device, seed, on_step) if pcfg.steps else []
     model.save_pretrained(out_dir)
     (Path(out_dir) / "pretrain_history.json").write_text(json.dumps(history))
 
 
 def train_objective(model, tokenizer, objective: str, pcfg, texts: list[str], device: torch.device,
-                    seed: int) -> list[dict]:
+                    seed: int, on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """`pcfg.steps` steps of the objective on batches of packed blocks; the loss and learning rate of each."""
     blocks = pack_texts(tokenizer, texts, pcfg.max_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
@@ -118,5 +121,7 @@ def train_objective(model, tokenizer, objective: str, pcfg, texts: list[str], de
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             history.append({"step": step, "loss": loss.item(), "lr": learning_rate})
+            if on_step:
+                on_step(history[-1])
             progress.advance(loss=loss.item())
     return history

@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from maskrun.data.corpus import check_corpus, load_corpus
 from maskrun.data.packaged import packaged_file
 from maskrun.data.tasks import check_task, load_task, task_type
 from maskrun.errors import ConfigError
+from maskrun.loggers import TRACKERS
 from maskrun.masks import STRATEGIES, check_moving, moves, selected, selection_record
 from maskrun.methods import METHODS
 from maskrun.masks.importance import FREEZE
@@ -63,7 +65,7 @@ def compose_jobs(config_module: str, config_name: str, overrides: list[str], mul
                 check_added_keys(config_name, job, groups)
             return configs
     except MissingConfigException as err:
-        raise unknown_option(err) from None
+        raise unknown_option(err, config_module, config_dir) from None
     except OverrideParseException as err:
         raise ConfigError(f"cannot parse override: {first_line(err)}", "write key=value, e.g. mask.ratio=0.5") from None
     except (HydraException, OmegaConfBaseException) as err:
@@ -122,15 +124,23 @@ def check_added_keys(config_name: str, job: list[str], groups: set[str]) -> None
             raise ConfigError(f"unknown key '{key}'", "check the spelling; maskrun --cfg job lists every key")
 
 
-def unknown_option(err: MissingConfigException) -> ConfigError:
+def unknown_option(err: MissingConfigException, config_module: str, config_dir: str | None) -> ConfigError:
     text = str(err)
-    match = re.search(r"Could not find '([^']+)/([^'/]*)'", text)
+    # Hydra lists a group's options for a single choice ("Could not find"), not for one in a list ("Could not load").
+    match = re.search(r"Could not (?:find|load) '([^']+)/([^'/]*)'", text)
     options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
     if not match:
         return ConfigError(first_line(err), "see maskrun --help")
     group, name = match.groups()
+    options = options or group_options(group, config_module, config_dir)
     return ConfigError(f"unknown {group} '{name}'", f"choose one of: {', '.join(options)}",
                        help_lines=(f"{group} options: {', '.join(options)}",))
+
+
+def group_options(group: str, config_module: str, config_dir: str | None) -> list[str]:
+    """The options of a config group: its yaml files in the packaged configs and in --config-dir."""
+    roots = [Path(str(files(config_module)))] + ([Path(config_dir)] if config_dir else [])
+    return sorted({p.stem for root in roots for p in (root / group).glob("*.yaml")})
 
 
 def first_line(err: Exception) -> str:
@@ -159,6 +169,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
         if cfg.sequential.dataset:
             check_dataset(cfg.sequential.dataset)
         check_device(str(cfg.device))
+        check_loggers(cfg)
     except (TypeError, ValueError, KeyError, AttributeError, OmegaConfBaseException) as err:
         # A value of the wrong shape (a list for a number, a section set to a string) trips a check.
         raise ConfigError(f"malformed configuration: {first_line(err)}", "maskrun --cfg job shows every key and its value") from None
@@ -167,6 +178,16 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
     check_writable(Path(cfg.cache_dir), "cache_dir")
     output_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     check_writable(Path(OmegaConf.select(cfg, output_key)), output_key)
+
+
+def check_loggers(cfg: DictConfig) -> None:
+    """Every chosen tracker is one maskrun logs to (not only a config file), and its library is installed."""
+    for name in cfg.get("logger") or {}:
+        one_of(name, sorted(TRACKERS), "logger")
+        tracker = TRACKERS[name]
+        if importlib.util.find_spec(tracker.LIBRARY) is None:
+            raise ConfigError(f"logger={name} needs the {tracker.PACKAGE} package, which is not installed",
+                              f"pip install {tracker.PACKAGE}, or pip install 'maskrun[trackers]'")
 
 
 def check_launcher(launcher: DictConfig) -> None:

@@ -1,0 +1,21 @@
+"""Fine-tuning's curves to the trackers, through finetune's Callback seam."""
+
+from maskrun.finetune import Callback
+from maskrun.loggers import POSITION, Trackers, is_number
+
+TRAIN_KEYS = ("loss", "lr", "grad_norm", "extra_loss")
+
+
+class TrainingCurves(Callback):
+    """Every step's loss, learning rate and gradient norm (and a method's extra loss); every epoch's validation
+    metrics, at the step they were measured after."""
+
+    def __init__(self, trackers: Trackers):
+        self.trackers = trackers
+
+    def on_step_end(self, step: int, model, optimizer, record: dict) -> None:
+        self.trackers.log_metrics({f"train/{key}": record[key] for key in TRAIN_KEYS}, step)
+
+    def on_validation(self, record: dict) -> None:
+        numbers = {f"validation/{key}": value for key, value in record.items() if key not in POSITION and is_number(value)}
+        self.trackers.log_metrics(numbers, record["step"])
