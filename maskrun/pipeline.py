@@ -91,9 +91,11 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
         model = method.prepare(model)
         metrics["method"] = {"name": cfg.method.name, **method.record(), "dial": dial(cfg),
                              "trainable": trainable_entries(model, frozen), "model_entries": model_entries}
+        del frozen  # while fine-tuning, the optimizer's packed copy of the mask is the only one resident
 
     with stage_timer(timing, "finetune"):
-        history = finetune(model, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss)
+        history = finetune(model, task, run_dir / MASK_FILE, cfg.finetune, cfg.optimizer, device, cfg.seed,
+                           method.extra_loss)
         model = method.finish(model)
         metrics["artifacts"] |= method.artifacts()
         metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}
@@ -118,7 +120,8 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
 
     if cfg.sequential.dataset:
         with stage_timer(timing, "sequential"):
-            metrics["sequential"] = fine_tune_next(model, task, frozen, tied_share, pretrained_dir, cfg, device, run_dir)
+            metrics["sequential"] = fine_tune_next(model, task, load_file(run_dir / MASK_FILE), tied_share,
+                                                   pretrained_dir, cfg, device, run_dir)
 
 
 @contextmanager
