@@ -6,8 +6,9 @@ parameter is represented to it by a "shadow" parameter holding only its trainabl
 gathered through a flat index before the step and scattered back after it. The shadow's storage
 and the index are released between steps, so what stays resident is the optimizer state of the
 trainable entries plus a record of which entries train (a bitmap of one bit per entry, or an int32
-index of the smaller side where that is smaller still: see TrainableEntries). So it never exceeds
-plain fine-tuning's state, and stays within (1 - r) x it plus one bit per entry.
+index of the smaller side where that is smaller still: see TrainableEntries). With a stateful
+optimizer it never exceeds plain fine-tuning's state, and stays within (1 - r) x it plus one bit
+per entry.
 """
 
 import math
@@ -47,6 +48,7 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def unpack_bits_with_torch(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """unpack_bits with torch's bit ops, on whatever device `packed` is."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
 
@@ -61,10 +63,9 @@ def flat_nonzero(bits: torch.Tensor) -> torch.Tensor:
 class TrainableEntries:
     """Which entries of a flattened parameter train, kept in the fewest bytes of three forms: the int32 index
     of the trainable entries, the int32 index of the frozen ones, or a bitmap of one bit per entry. The
-    smaller index costs at most 4 bytes per frozen entry, no more than the Adam moments each frozen entry
-    saves, so a partially frozen parameter never costs more than it would fully trained; the bitmap bounds
-    the record by one bit per entry.
-    Every form gives the same ascending index, so the optimizer sees the same entries in the same order."""
+    smaller index costs at most 4 bytes per frozen entry, no more than the state each frozen entry saves
+    (8 bytes of fp32 Adam moments, 4 of SGD momentum), so a partially frozen parameter never costs more
+    than it would fully trained; the bitmap bounds the record by one bit per entry. Every form gives the same ascending index, so the optimizer sees the same entries in the same order."""
 
     def __init__(self, frozen: torch.Tensor):
         trainable = ~frozen.flatten()
@@ -102,8 +103,8 @@ class PartiallyFrozen:
         self.shadow = torch.nn.Parameter(param.new_empty(0))
 
     # index_select and scatter_ are several times faster on CPU than indexing with `[]` or masked_select;
-    # scatter_ wants an int64 index. The index is rebuilt at the write rather than held through the
-    # optimizer step, so that the step's peak memory holds no index at all.
+    # scatter_ wants an int64 index. An index unpacked from a bitmap is unpacked again at the write rather
+    # than held through the optimizer step, so that the step's peak memory holds no unpacked index.
     def gather(self) -> None:
         index = self.entries.index()
         self.shadow.data = torch.index_select(self.param.detach().view(-1), 0, index)
