@@ -13,8 +13,10 @@ Recipes from the masking literature, all off by default:
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import get_scheduler
 
 from maskrun.checkpoint import Checkpointing, Position
@@ -114,13 +116,14 @@ class EarlyStopping:
             model.load_state_dict(self.best_state)
 
 
-def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: torch.device, seed: int,
+def finetune(model, task, frozen: dict[str, torch.Tensor] | Path, fcfg, ocfg, device: torch.device, seed: int,
              extra_loss: Callable[[torch.nn.Module, int], torch.Tensor | None] | None = None,
              callbacks: Sequence[Callback] = (), checkpointing: Checkpointing | None = None) -> dict:
     """Train `model` on the training split of `task` (a maskrun.tasks TaskType); returns the loss and validation
     history.
 
-    The parameters that train are those with requires_grad, less the entries `frozen` holds;
+    The parameters that train are those with requires_grad, less the entries `frozen` holds (the masks, or the
+    mask file to read them from: then no bool mask stays resident while training, only the optimizer's packed copy);
     `extra_loss(model, step)`, when given, is what a method adds to the task loss of every
     micro-batch of step `step` (penalties, replay); `callbacks` are called around every step and validation;
     `checkpointing` says where and how often to checkpoint, and a checkpoint found there is resumed.
@@ -133,7 +136,9 @@ def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: t
     micro_per_epoch = math.ceil(len(examples) / fcfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / fcfg.grad_accum)
     masked_epochs = fcfg.unfreeze_after or fcfg.epochs
-    phase = Phase(model, frozen, fcfg, ocfg, steps_per_epoch * masked_epochs)
+    # Read inline, so that the masks read from a file are released as soon as the optimizer has packed them.
+    phase = Phase(model, load_file(frozen) if isinstance(frozen, Path) else frozen, fcfg, ocfg,
+                  steps_per_epoch * masked_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=fcfg.precision == "fp16")
     stopping = EarlyStopping(fcfg.early_stopping_patience, task.METRIC)
     if fcfg.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more time

@@ -4,12 +4,17 @@ Masking gradients is not enough: decoupled weight decay and momentum still move 
 gradient is zero. So the torch optimizer never sees a frozen entry at all. Each partially frozen
 parameter is represented to it by a "shadow" parameter holding only its trainable entries,
 gathered through a flat index before the step and scattered back after it. The shadow's storage
-is released between steps, so the only persistent cost is the optimizer state of the trainable
-entries plus an int32 index.
+and the index are released between steps, so what stays resident is the optimizer state of the
+trainable entries plus a record of which entries train (a bitmap of one bit per entry, or an int32
+index of the smaller side where that is smaller still: see TrainableEntries). With a stateful
+optimizer it never exceeds plain fine-tuning's state, and stays within (1 - r) x it plus one bit
+per entry.
 """
 
-import torch
+import math
 
+import numpy as np
+import torch
 
 
 def decays(param: torch.Tensor) -> bool:
@@ -28,24 +33,87 @@ def make_torch_optimizer(ocfg, groups: list[dict], lr: float) -> torch.optim.Opt
     raise ValueError(f"unknown optimizer {ocfg.name!r}")
 
 
+# numpy's bit packing and flatnonzero are the library routines for this, and on the CPU they are several times
+# faster than torch's nonzero; on an accelerator torch's own ops run where the tensors are.
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """A flat bool tensor as uint8 bytes, eight entries each (entry i is bit i % 8 of byte i // 8)."""
+    return torch.from_numpy(np.packbits(bits.cpu().numpy(), bitorder="little")).to(bits.device)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The flat bool tensor of `numel` entries that pack_bits packed."""
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(bool))
+    return unpack_bits_with_torch(packed, numel)
+
+
+def unpack_bits_with_torch(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """unpack_bits with torch's bit ops, on whatever device `packed` is."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
+
+
+def flat_nonzero(bits: torch.Tensor) -> torch.Tensor:
+    """The ascending positions (int64) of the True entries of a flat bool tensor."""
+    if bits.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(bits.numpy()))
+    return bits.nonzero().squeeze(1)
+
+
+class TrainableEntries:
+    """Which entries of a flattened parameter train, kept in the fewest bytes of three forms: the int32 index
+    of the trainable entries, the int32 index of the frozen ones, or a bitmap of one bit per entry. The
+    smaller index costs at most 4 bytes per frozen entry, no more than the state each frozen entry saves
+    (8 bytes of fp32 Adam moments, 4 of SGD momentum), so a partially frozen parameter never costs more
+    than it would fully trained; the bitmap bounds the record by one bit per entry. Every form gives the same ascending index, so the optimizer sees the same entries in the same order."""
+
+    def __init__(self, frozen: torch.Tensor):
+        trainable = ~frozen.flatten()
+        self.numel, self.count = trainable.numel(), int(trainable.sum())
+        sizes = {"trainable_index": 4 * self.count, "frozen_index": 4 * (self.numel - self.count),
+                 "bitmap": math.ceil(self.numel / 8)}
+        self.form = min(sizes, key=sizes.get)  # on a tie the trainable index, which needs no unpacking
+        if self.form == "bitmap":
+            self.stored = pack_bits(trainable)
+        else:
+            side = trainable if self.form == "trainable_index" else ~trainable
+            self.stored = flat_nonzero(side).to(torch.int32)
+
+    def index(self) -> torch.Tensor:
+        """The ascending flat index of the trainable entries, made for the moment of use."""
+        if self.form == "trainable_index":
+            return self.stored
+        if self.form == "bitmap":
+            trainable = unpack_bits(self.stored, self.numel)
+        else:
+            trainable = torch.ones(self.numel, dtype=torch.bool, device=self.stored.device)
+            trainable[self.stored.long()] = False
+        return flat_nonzero(trainable)
+
+    def nbytes(self) -> int:
+        return self.stored.numel() * self.stored.element_size()
+
+
 class PartiallyFrozen:
     """A parameter with some frozen entries, seen by the optimizer through its trainable entries only."""
 
     def __init__(self, param: torch.nn.Parameter, frozen: torch.Tensor):
         self.param = param
-        self.index = (~frozen).flatten().nonzero().squeeze(1).to(device=param.device, dtype=torch.int32)
+        self.entries = TrainableEntries(frozen)
         self.shadow = torch.nn.Parameter(param.new_empty(0))
 
-    # index_select and scatter_ are several times faster on CPU than indexing with `[]`;
-    # scatter_ wants an int64 index, made only for the moment of the write.
+    # index_select and scatter_ are several times faster on CPU than indexing with `[]` or masked_select;
+    # scatter_ wants an int64 index. An index unpacked from a bitmap is unpacked again at the write rather
+    # than held through the optimizer step, so that the step's peak memory holds no unpacked index.
     def gather(self) -> None:
-        self.shadow.data = torch.index_select(self.param.detach().view(-1), 0, self.index)
+        index = self.entries.index()
+        self.shadow.data = torch.index_select(self.param.detach().view(-1), 0, index)
         grad = self.param.grad
-        self.shadow.grad = None if grad is None else torch.index_select(grad.view(-1), 0, self.index)
+        self.shadow.grad = None if grad is None else torch.index_select(grad.view(-1), 0, index)
         self.param.grad = None
 
     def scatter(self) -> None:
-        self.param.data.view(-1).scatter_(0, self.index.long(), self.shadow.data)
+        self.param.data.view(-1).scatter_(0, self.entries.index().long(), self.shadow.data)
         self.shadow.data = self.param.new_empty(0)
         self.shadow.grad = None
 
@@ -100,11 +168,12 @@ class MaskedOptimizer:
         return float(norm)
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state, including the indices that address the trainable entries."""
+        """Bytes the masking keeps resident for training: the optimizer state of the trainable entries and each
+        partially frozen parameter's record of which of its entries train."""
         state = sum(
             t.numel() * t.element_size()
             for s in self.optimizer.state.values()
             for t in s.values()
             if torch.is_tensor(t)
         )
-        return state + sum(p.index.numel() * p.index.element_size() for p in self.partial)
+        return state + sum(part.entries.nbytes() for part in self.partial)

@@ -111,13 +111,14 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
         model = method.prepare(model)
         metrics["method"] = {"name": cfg.method.name, **method.record(), "dial": dial(cfg),
                              "trainable": trainable_entries(model, frozen), "model_entries": model_entries}
+        del frozen  # while fine-tuning, the optimizer's packed copy of the mask is the only one resident
 
     with stage_timer(timing, "finetune"):
-        moving = moving_mask(cfg.mask, model, frozen.keys(), cfg.seed)  # None unless the mask moves while training
+        moving = moving_mask(cfg.mask, model, list(params), cfg.seed)  # None unless the mask moves while training
         checkpointing = Checkpointing(run_dir / CHECKPOINT_DIR, cfg.finetune.checkpoint_every, hash_config(cfg),
                                       method.generators())
-        history = finetune(model, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss,
-                           callbacks=[TrainingCurves(trackers)] + ([moving] if moving else []),
+        history = finetune(model, task, run_dir / MASK_FILE, cfg.finetune, cfg.optimizer, device, cfg.seed,
+                           method.extra_loss, callbacks=[TrainingCurves(trackers)] + ([moving] if moving else []),
                            checkpointing=checkpointing)
         metrics["finetune"] = {"resumed_from_step": checkpointing.resumed_from_step}
         if moving:  # the run's mask: the entries frozen at every step
@@ -148,7 +149,8 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
 
     if cfg.sequential.dataset:
         with stage_timer(timing, "sequential"):
-            metrics["sequential"] = fine_tune_next(model, task, frozen, tied_share, pretrained_dir, cfg, device, run_dir)
+            metrics["sequential"] = fine_tune_next(model, task, load_file(run_dir / MASK_FILE), tied_share,
+                                                   pretrained_dir, cfg, device, run_dir)
 
 
 @contextmanager
