@@ -153,6 +153,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
             check_corpus_vocabulary(cfg.dataset, cfg.model.vocab_size)
         for control in cfg.eval.controls:
             one_of(control, CONTROLS, "eval.controls")
+        check_posthoc_reset(cfg.eval.posthoc_reset, cfg.mask)
         if cfg.sequential.dataset:
             check_dataset(cfg.sequential.dataset)
         check_device(str(cfg.device))
@@ -382,6 +383,22 @@ def check_mask(mask: DictConfig) -> None:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"mask.{key} pattern {pattern!r} is not a valid regex: {err}", "fix the pattern") from None
+
+
+def check_posthoc_reset(ratios, mask: DictConfig) -> None:
+    """eval.posthoc_reset builds the run's mask strategy at each ratio: it needs a strategy that has ratios."""
+    if not ratios:
+        return
+    if isinstance(ratios, str) or not OmegaConf.is_list(ratios):
+        raise ConfigError(f"eval.posthoc_reset={ratios!r} is not a list of ratios", "e.g. eval.posthoc_reset=[0.25,0.5,0.75]")
+    for ratio in ratios:
+        in_range(ratio, "eval.posthoc_reset ratio", "0.5", 0.0, 1.0)
+    if mask.strategy in ("none", "file"):
+        what = "freezes nothing at any ratio" if mask.strategy == "none" else "is one fixed mask, with no other ratio"
+        raise ConfigError(f"eval.posthoc_reset resets what the run's mask strategy freezes at each ratio, and "
+                          f"mask={mask.strategy} {what}",
+                          "choose a strategy; for full fine-tuning use method=mask mask=random mask.ratio=0 "
+                          "(or mask=importance mask.ratio=0)")
 
 
 def check_method(cfg: DictConfig) -> None:
