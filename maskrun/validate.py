@@ -142,6 +142,8 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
         check_top_level(cfg)
         check_mask(cfg.mask)
         check_model(cfg.model, cfg.pretrain, cfg.finetune)
+        if cfg.mask.strategy == "file":
+            check_mask_file(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain), OmegaConf.to_yaml(cfg.mask))
         if cfg.mask.include or cfg.mask.exclude:
             check_mask_selects(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain), tuple(cfg.mask.include or ()), tuple(cfg.mask.exclude or ()))
         check_method(cfg)  # after the model: a method may read the model's parameter names
@@ -360,7 +362,9 @@ def check_training(cfg: DictConfig) -> None:
 
 
 def check_mask(mask: DictConfig) -> None:
-    if not is_number(mask.ratio) or not 0.0 <= mask.ratio <= 1.0:
+    if mask.strategy == "file":
+        check_mask_path(mask)
+    elif not is_number(mask.ratio) or not 0.0 <= mask.ratio <= 1.0:
         raise ConfigError(f"mask.ratio={mask.ratio!r} is not a number in [0, 1]",
                           "0 trains every entry, 1 freezes every eligible entry; e.g. mask.ratio=0.5")
     one_of(mask.strategy, sorted(STRATEGIES), "mask.strategy")
@@ -383,6 +387,38 @@ def check_mask(mask: DictConfig) -> None:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"mask.{key} pattern {pattern!r} is not a valid regex: {err}", "fix the pattern") from None
+
+
+def check_mask_path(mask: DictConfig) -> None:
+    """mask=file: a file to read, and no ratio of its own (the file's realized share is recorded)."""
+    if mask.get("path") is None:
+        raise ConfigError("mask=file needs mask.path", "give a run's mask, e.g. mask.path=outputs/<run>/mask.safetensors")
+    if not Path(str(mask.path)).is_file():
+        raise ConfigError(f"mask.path={mask.path} is not a file", "give a run's mask.safetensors")
+    if mask.ratio is not None:
+        raise ConfigError(f"mask=file freezes what the file freezes, and mask.ratio={mask.ratio} asks for a share",
+                          "drop mask.ratio: the file's realized share is recorded as the ratio")
+
+
+@functools.lru_cache(maxsize=None)  # the jobs of a sweep share their model and mask file
+def check_mask_file(model_yaml: str, pretrain_yaml: str, mask_yaml: str) -> None:
+    """The file's tensors are the eligible parameters, one bool per entry."""
+    from maskrun.masks import selected
+    from maskrun.masks.file import file_layout, mismatches
+
+    mask = OmegaConf.create(mask_yaml)
+    try:
+        layout = file_layout(Path(mask.path))
+    except Exception as err:  # safetensors raises its own error types for a file that is not safetensors
+        raise ConfigError(f"mask.path={mask.path} is not a safetensors file: {first_line(err)}",
+                          "give a mask.safetensors that maskrun wrote") from None
+    eligible = {name: tuple(shape) for name, shape in backbone_shapes(model_yaml, pretrain_yaml).items()
+                if selected(name, mask.include, mask.exclude)}
+    differences = mismatches({name: shape for name, (shape, _) in layout.items()}, eligible)
+    differences += [f"{name} holds {dtype}, not BOOL" for name, (_, dtype) in layout.items() if dtype != "BOOL"][:1]
+    if differences:
+        raise ConfigError(f"mask.path={mask.path} does not fit this model's eligible parameters: {'; '.join(differences)}",
+                          "use a mask written for the same model and mask.include/mask.exclude")
 
 
 def check_posthoc_reset(ratios, mask: DictConfig) -> None:
