@@ -403,13 +403,15 @@ def check_mask_path(mask: DictConfig) -> None:
 @functools.lru_cache(maxsize=None)  # the jobs of a sweep share their model and mask file
 def check_mask_file(model_yaml: str, pretrain_yaml: str, mask_yaml: str) -> None:
     """The file's tensors are the eligible parameters, one bool per entry."""
+    from safetensors import SafetensorError
+
     from maskrun.masks import selected
     from maskrun.masks.file import file_layout, mismatches
 
     mask = OmegaConf.create(mask_yaml)
     try:
         layout = file_layout(Path(mask.path))
-    except Exception as err:  # safetensors raises its own error types for a file that is not safetensors
+    except (SafetensorError, OSError) as err:
         raise ConfigError(f"mask.path={mask.path} is not a safetensors file: {first_line(err)}",
                           "give a mask.safetensors that maskrun wrote") from None
     eligible = {name: tuple(shape) for name, shape in backbone_shapes(model_yaml, pretrain_yaml).items()
@@ -423,10 +425,10 @@ def check_mask_file(model_yaml: str, pretrain_yaml: str, mask_yaml: str) -> None
 
 def check_posthoc_reset(ratios, mask: DictConfig) -> None:
     """eval.posthoc_reset builds the run's mask strategy at each ratio: it needs a strategy that has ratios."""
+    if not OmegaConf.is_list(ratios):
+        raise ConfigError(f"eval.posthoc_reset={ratios!r} is not a list of ratios", "e.g. eval.posthoc_reset=[0.25,0.5,0.75]")
     if not ratios:
         return
-    if isinstance(ratios, str) or not OmegaConf.is_list(ratios):
-        raise ConfigError(f"eval.posthoc_reset={ratios!r} is not a list of ratios", "e.g. eval.posthoc_reset=[0.25,0.5,0.75]")
     for ratio in ratios:
         in_range(ratio, "eval.posthoc_reset ratio", "0.5", 0.0, 1.0)
     if mask.strategy in ("none", "file"):

@@ -83,6 +83,7 @@ def test_report_has_a_row_per_ratio(posthoc_run):
 @pytest.mark.parametrize("override, expected", [
     (["eval.posthoc_reset=[0.5,1.5]"], "eval.posthoc_reset ratio=1.5 is not a number in [0, 1]"),
     (["eval.posthoc_reset=0.5"], "eval.posthoc_reset=0.5 is not a list of ratios"),
+    (["eval.posthoc_reset=0"], "eval.posthoc_reset=0 is not a list of ratios"),
     (["method=full", "eval.posthoc_reset=[0.5]"], "mask=none freezes nothing at any ratio"),
 ])
 def test_bad_posthoc_reset_is_refused_before_any_work(tmp_path, override, expected):
