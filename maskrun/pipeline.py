@@ -34,6 +34,7 @@ from maskrun.masks.scores import compute_scores, read_scores, write_scores
 from maskrun.methods import build_method, dial
 from maskrun.methods.base import Context, trainable_entries
 from maskrun.models import head_summary, pretrained_names, pretrained_source, pretraining_objective, torch_dtype
+from maskrun.posthoc import posthoc_curve
 from maskrun.pretrain import pretrain
 from maskrun.sequential import fine_tune_next
 from maskrun.tasks import build_task
@@ -135,6 +136,11 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
         metrics["interference"] = interference(
             pretrained_dir, model, task, corpus, cfg.eval.heldout_texts,
             pretraining_objective(cfg.model, cfg.pretrain), cfg.pretrain.max_length, device, cfg.eval.batch_size)
+
+    if cfg.eval.posthoc_reset:  # the run's mask strategy at other ratios, applied to the fine-tuned deltas
+        with stage_timer(timing, "posthoc"):
+            metrics["posthoc"] = posthoc_curve(cfg, cache, model, task, corpus, pretrained_dir, scores_dir, mask_scores(),
+                                               load_file(run_dir / MASK_FILE), device)
 
     if cfg.eval.controls:
         with stage_timer(timing, "controls"):

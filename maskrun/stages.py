@@ -112,8 +112,12 @@ def selection(cfg, pretrained_dir: Path) -> dict:
 
 
 def mask(cfg, pretrained_dir: Path, scores_dir: Path | None) -> dict:
+    """The mask settings; mask=file's file by its content, not its name (a copy of it is the same mask)."""
+    settings = plain(cfg.mask)
+    if settings.get("path"):
+        settings["path"] = file_digest(Path(settings["path"]))
     return stage_inputs("mask", pretrained=Path(pretrained_dir).name, scores=scores_dir and Path(scores_dir).name,
-                        mask=plain(cfg.mask), seed=cfg.seed)
+                        mask=settings, seed=cfg.seed)
 
 
 def scratch(cfg, tokenizer_dir: Path) -> dict:
@@ -128,6 +132,8 @@ def result(cfg) -> dict:
     settings["finetune"] = training(cfg.finetune)
     datasets = [cfg.dataset] + ([cfg.sequential.dataset] if cfg.sequential.dataset else [])
     files = {"model": model(cfg.model), "tasks": [task(d) for d in datasets], "corpora": [corpus(d) for d in datasets]}
+    if cfg.mask.get("path"):  # mask=file
+        files["mask"] = file_digest(Path(cfg.mask.path))
     return stage_inputs("result", settings=settings, files=files)
 
 

@@ -153,6 +153,8 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
         check_mask(cfg.mask)
         check_selection_pass(cfg)
         check_model(cfg.model, cfg.pretrain, cfg.finetune)
+        if cfg.mask.strategy == "file":
+            check_mask_file(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain), OmegaConf.to_yaml(cfg.mask))
         if cfg.mask.include or cfg.mask.exclude:
             check_mask_selects(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain), tuple(cfg.mask.include or ()), tuple(cfg.mask.exclude or ()))
         check_method(cfg)  # after the model: a method may read the model's parameter names
@@ -166,6 +168,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
             check_corpus_vocabulary(cfg.dataset, cfg.model.vocab_size)
         for control in cfg.eval.controls:
             one_of(control, CONTROLS, "eval.controls")
+        check_posthoc_reset(cfg.eval.posthoc_reset, cfg.mask)
         if cfg.sequential.dataset:
             check_dataset(cfg.sequential.dataset)
         check_device(str(cfg.device))
@@ -389,7 +392,9 @@ def check_training(cfg: DictConfig) -> None:
 
 
 def check_mask(mask: DictConfig) -> None:
-    if not is_number(mask.ratio) or not 0.0 <= mask.ratio <= 1.0:
+    if mask.strategy == "file":
+        check_mask_path(mask)
+    elif not is_number(mask.ratio) or not 0.0 <= mask.ratio <= 1.0:
         raise ConfigError(f"mask.ratio={mask.ratio!r} is not a number in [0, 1]",
                           "0 trains every entry, 1 freezes every eligible entry; e.g. mask.ratio=0.5")
     one_of(mask.strategy, sorted(STRATEGIES), "mask.strategy")
@@ -425,6 +430,60 @@ def check_selection_pass(cfg: DictConfig) -> None:
     if record and cfg.sequential.dataset and cfg.sequential.remask:
         raise ConfigError(f"sequential.remask=true rebuilds the mask on task B, and mask={cfg.mask.strategy} would need "
                           f"a selection pass on task B for that", "set sequential.remask=false, or use another mask")
+
+
+def check_mask_path(mask: DictConfig) -> None:
+    """mask=file: a file to read, and no ratio of its own (the file's realized share is recorded)."""
+    if mask.get("path") is None:
+        raise ConfigError("mask=file needs mask.path", "give a run's mask, e.g. mask.path=outputs/<run>/mask.safetensors")
+    if not Path(str(mask.path)).is_file():
+        raise ConfigError(f"mask.path={mask.path} is not a file", "give a run's mask.safetensors")
+    if mask.ratio is not None:
+        raise ConfigError(f"mask=file freezes what the file freezes, and mask.ratio={mask.ratio} asks for a share",
+                          "drop mask.ratio: the file's realized share is recorded as the ratio")
+
+
+@functools.lru_cache(maxsize=None)  # the jobs of a sweep share their model and mask file
+def check_mask_file(model_yaml: str, pretrain_yaml: str, mask_yaml: str) -> None:
+    """The file's tensors are the eligible parameters, one bool per entry."""
+    from safetensors import SafetensorError
+
+    from maskrun.masks import selected
+    from maskrun.masks.file import file_layout, mismatches
+
+    mask = OmegaConf.create(mask_yaml)
+    try:
+        layout = file_layout(Path(mask.path))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"mask.path={mask.path} is not a safetensors file: {first_line(err)}",
+                          "give a mask.safetensors that maskrun wrote") from None
+    eligible = {name: tuple(shape) for name, shape in backbone_shapes(model_yaml, pretrain_yaml).items()
+                if selected(name, mask.include, mask.exclude)}
+    differences = mismatches({name: shape for name, (shape, _) in layout.items()}, eligible)
+    differences += [f"{name} holds {dtype}, not BOOL" for name, (_, dtype) in layout.items() if dtype != "BOOL"][:1]
+    if differences:
+        raise ConfigError(f"mask.path={mask.path} does not fit this model's eligible parameters: {'; '.join(differences)}",
+                          "use a mask written for the same model and mask.include/mask.exclude")
+
+
+def check_posthoc_reset(ratios, mask: DictConfig) -> None:
+    """eval.posthoc_reset builds the run's mask strategy at each ratio: it needs a strategy that has ratios."""
+    if not OmegaConf.is_list(ratios):
+        raise ConfigError(f"eval.posthoc_reset={ratios!r} is not a list of ratios", "e.g. eval.posthoc_reset=[0.25,0.5,0.75]")
+    if not ratios:
+        return
+    for ratio in ratios:
+        in_range(ratio, "eval.posthoc_reset ratio", "0.5", 0.0, 1.0)
+    if moves(mask):
+        raise ConfigError(f"eval.posthoc_reset resets what the run's mask strategy freezes at each ratio, and "
+                          f"mask={mask.strategy} moves during fine-tuning, with no mask to build after it",
+                          "use a static strategy, e.g. mask=importance")
+    if mask.strategy in ("none", "file"):
+        what = "freezes nothing at any ratio" if mask.strategy == "none" else "is one fixed mask, with no other ratio"
+        raise ConfigError(f"eval.posthoc_reset resets what the run's mask strategy freezes at each ratio, and "
+                          f"mask={mask.strategy} {what}",
+                          "choose a strategy; for full fine-tuning use method=mask mask=random mask.ratio=0 "
+                          "(or mask=importance mask.ratio=0)")
 
 
 def check_method(cfg: DictConfig) -> None:

@@ -25,7 +25,7 @@ def test_every_group_has_options():
 # Options that point at the user's own data or model: they compose, and name what they still need.
 NEEDS_USER_INPUT = {("dataset", "csv"): "dataset.path", ("dataset", "json"): "dataset.path",
                     ("dataset", "parquet"): "dataset.path", ("dataset", "hub"): "dataset.hub_name",
-                    ("model", "hf"): "model.name_or_path",
+                    ("model", "hf"): "model.name_or_path", ("mask", "file"): "mask.path",
                     # generative tasks need a decoder, and the default model is an encoder
                     ("dataset", "python_code"): "needs a decoder", ("dataset", "arithmetic"): "needs a decoder"}
 

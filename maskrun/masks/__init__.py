@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from maskrun.masks import (child_tuning, dynamic, hft, importance, layers, lisa, lt_sft, movement, none, random,
-                           similarity, spectrum)
+from maskrun.masks import (child_tuning, dynamic, file, hft, importance, layers, lisa, lt_sft, movement, none,
+                           random, similarity, spectrum)
 from maskrun.masks.select import Selection
 
 MASK_FILE = "mask.safetensors"
@@ -45,6 +45,7 @@ STRATEGIES = {
     "hft": hft,
     "child_tuning": child_tuning,
     "lisa": lisa,
+    "file": file,
 }
 
 
@@ -112,8 +113,10 @@ def build_mask(mcfg, params: dict[str, torch.Tensor], scores: dict[str, torch.Te
     def neuron_major(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: t.movedim(axes[name], 0) for name, t in tensors.items() if name in params}
 
-    selection = STRATEGIES[mcfg.strategy].build(mcfg, neuron_major(params), None if scores is None else neuron_major(scores),
-                                               seed)
+    strategy = STRATEGIES[mcfg.strategy]
+    if getattr(strategy, "PARAMETER_LAYOUT", False):  # a mask read back from a file is in the parameters' layout
+        return strategy.build(mcfg, params, scores, seed)
+    selection = strategy.build(mcfg, neuron_major(params), None if scores is None else neuron_major(scores), seed)
     masks = {name: m.movedim(0, axes[name]).contiguous() for name, m in selection.masks.items()}
     return Selection(masks, selection.tied)
 
@@ -155,13 +158,14 @@ def save_mask(masks: dict[str, torch.Tensor], path: Path) -> None:
 def mask_summary(mcfg, masks: dict[str, torch.Tensor], tied_share: float) -> dict:
     eligible = sum(m.numel() for m in masks.values())
     frozen = sum(int(m.sum()) for m in masks.values())
+    realized = frozen / eligible if eligible else 0.0
     return {
         "strategy": mcfg.strategy,
         "score": mcfg.score if needs_scores(mcfg) else None,
         "allocation": mcfg.allocation,
         "granularity": mcfg.granularity,
-        "ratio": float(mcfg.ratio),
-        "ratio_actual": frozen / eligible if eligible else 0.0,
+        "ratio": float(mcfg.ratio) if mcfg.ratio is not None else realized,  # mask=file: the file's share
+        "ratio_actual": realized,
         "eligible": eligible,
         "frozen": frozen,
         "trainable": eligible - frozen,

@@ -108,6 +108,26 @@ def sequential_lines(sequential: dict | None) -> list[str]:
             f"Retention (after B − after A): {sequential['retention']:+.4f}."]
 
 
+def posthoc_lines(metrics: dict, metric: TaskMetric) -> list[str]:
+    """One row per ratio of eval.posthoc_reset: the fine-tuned model with that share of its deltas reset."""
+    rows = metrics.get("posthoc")
+    if not rows:
+        return []
+    task, interference = metrics.get("task") or {}, metrics.get("interference") or {}
+    trained = (f"As trained (mask ratio {fmt((metrics.get('mask') or {}).get('ratio_actual'))}): validation {metric.name} "
+               f"{fmt((task.get('validation') or {}).get(metric.key))}, test {fmt((task.get('test') or {}).get(metric.key))}, "
+               f"forgetting {fmt(interference.get('forgetting'))}.")
+    lines = ["", "## Masks applied after training", "",
+             "The entries the run's mask strategy freezes at each ratio, reset to their pretrained values after "
+             "fine-tuning (no retraining); entries the run's own mask froze have nothing to reset. " + trained, "",
+             f"| reset ratio | actual | entries reset | validation {metric.name} | test {metric.name} | forgetting |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {fmt(row['ratio'], 2)} | {fmt(row['ratio_actual'])} | {row['reset_entries']:,} | "
+              f"{fmt(row['validation'].get(metric.key))} | {fmt(row['test'].get(metric.key))} | {fmt(row['forgetting'])} |"
+              for row in rows]
+    return lines
+
+
 def write_run_report(run_dir: Path, metrics: dict) -> None:
     lines = [f"# maskrun run · {run_dir.name}", ""]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in key_numbers(metrics)]
@@ -138,6 +158,7 @@ def write_run_report(run_dir: Path, metrics: dict) -> None:
                   f"the pretraining head's predictions on the task's test inputs {fmt(interference.get('kl_task'), 6)}."]
         plot = plot_interference_per_layer(run_dir, interference)
         lines += ["", f"![{plot}]({plot})"]
+    lines += posthoc_lines(metrics, metric)
     lines += controls_lines(metrics.get("controls"), metric) + sequential_lines(metrics.get("sequential"))
     mask = metrics.get("mask")
     if mask:
