@@ -85,8 +85,18 @@ def test_report_has_a_row_per_ratio(posthoc_run):
     (["eval.posthoc_reset=0.5"], "eval.posthoc_reset=0.5 is not a list of ratios"),
     (["eval.posthoc_reset=0"], "eval.posthoc_reset=0 is not a list of ratios"),
     (["method=full", "eval.posthoc_reset=[0.5]"], "mask=none freezes nothing at any ratio"),
+    (["mask=child_tuning", "eval.posthoc_reset=[0.5]"], "mask=child_tuning moves during fine-tuning"),
 ])
 def test_bad_posthoc_reset_is_refused_before_any_work(tmp_path, override, expected):
     result = maskrun(["experiment=smoke", *override], tmp_path, expect=2)
     assert result.stderr.startswith("maskrun: error: ") and expected in result.stderr.splitlines()[0]
     assert not (tmp_path / "outputs").exists() or not run_dirs(tmp_path / "outputs")
+
+
+def test_a_strategy_that_chooses_after_a_fine_tuning_pass_builds_its_reset_masks_from_that_pass(tmp_path):
+    maskrun(["experiment=smoke", "mask=lt_sft", "mask.ratio=0.25", "eval.posthoc_reset=[0.25,0.75]",
+             "hydra.run.dir=lt_sft"], tmp_path)
+    metrics = load_metrics(tmp_path / "lt_sft")
+    own, more = metrics["posthoc"]
+    assert own["mask_cache"] == "hit" and own["reset_entries"] == 0  # the run's own mask, from the same records
+    assert more["reset_entries"] == round(0.75 * metrics["mask"]["eligible"]) - metrics["mask"]["frozen"]
