@@ -59,6 +59,7 @@ def new_metrics(cfg: DictConfig, config_hash: str) -> dict:
         "choices": {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")},
         "seed": cfg.seed,
         "device": str(cfg.device),
+        "world_size": cfg.devices,  # processes that fine-tune together (maskrun.distributed)
         "task": None,
         "interference": None,
         "mask": None,
@@ -101,13 +102,16 @@ def run_job(cfg: DictConfig) -> str:
 
 def compute(cfg: DictConfig, cache: Cache, run_dir: Path, metrics: dict, result_dir: Path) -> None:
     """Runs the pipeline into run_dir and records metrics.json; an ok run's results go to result_dir too."""
-    from maskrun import pipeline  # torch and transformers: not needed to reuse a finished job
+    from maskrun import distributed, pipeline  # torch and transformers: not needed to reuse a finished job
 
-    with gpu_lease(str(cfg.device)) as gpu:  # before any CUDA call
+    with gpu_lease(str(cfg.device), cfg.devices) as gpu:  # before any CUDA call
         metrics["lease"].update(gpu=gpu, start=time.time())
         start = time.perf_counter()
         try:
-            pipeline.run(cfg, cache, run_dir, metrics)
+            if cfg.devices > 1:
+                distributed.launch(cfg, run_dir, metrics)  # the pipeline in cfg.devices worker processes
+            else:
+                pipeline.run(cfg, cache, run_dir, metrics)
             metrics["status"] = "ok"
             metrics["cache"]["result"] = "miss"
         except Exception as err:  # recorded, not raised: a failed job is a result too

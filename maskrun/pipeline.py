@@ -21,6 +21,7 @@ from maskrun.controls import run_controls
 from maskrun.data import load_corpus, load_task
 from maskrun.data.tokenizer import prepare_tokenizer
 from maskrun.devices import resolve_device
+from maskrun.distributed import Processes
 from maskrun.evaluate import interference
 from maskrun.finetune import finetune
 from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, needs_scores, neuron_axes,
@@ -35,8 +36,12 @@ from maskrun.tasks import build_task
 
 
 def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
-    """Runs the arrow for `cfg`, filling `metrics` stage by stage (so a failure keeps what was done)."""
+    """Runs the arrow for `cfg`, filling `metrics` stage by stage (so a failure keeps what was done).
+
+    One rank of a job of several processes runs it too (maskrun.distributed): rank 0 alone writes the run's files.
+    """
     device = resolve_device(cfg.device)
+    processes = Processes(cfg.strategy)
     timing, hits = metrics.setdefault("timing", {}), metrics.setdefault("cache", {})
     metrics["device"] = str(device)
     metrics["cpu_threads"] = torch.get_num_threads()  # float sums, hence the last bits, depend on it
@@ -76,8 +81,9 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
             "mask", stages.mask(cfg, pretrained_dir, scores_dir),
             lambda out: write_mask(build_mask(cfg.mask, params, scores_dir and read_scores(scores_dir), cfg.seed,
                                               neuron_axes(model, params)), out))
-        shutil.copyfile(mask_dir / MASK_FILE, run_dir / MASK_FILE)
-        frozen, tied_share = load_file(run_dir / MASK_FILE), read_tied_share(mask_dir)
+        if processes.is_main:
+            shutil.copyfile(mask_dir / MASK_FILE, run_dir / MASK_FILE)
+        frozen, tied_share = load_file(mask_dir / MASK_FILE), read_tied_share(mask_dir)
         metrics["mask"] = mask_summary(cfg.mask, frozen, tied_share) | head_summary(model, pretrained_names(pretrained_dir))
 
     def method_scores(score: str) -> dict[str, torch.Tensor]:
@@ -93,7 +99,12 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict) -> None:
                              "trainable": trainable_entries(model, frozen), "model_entries": model_entries}
 
     with stage_timer(timing, "finetune"):
-        history = finetune(model, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss)
+        trained = processes.wrap(model, frozen)
+        history = finetune(trained, task, frozen, cfg.finetune, cfg.optimizer, device, cfg.seed, method.extra_loss,
+                           processes=processes)
+        processes.gather(trained, model)
+        if not processes.is_main:  # the other ranks' part ends with fine-tuning
+            return
         model = method.finish(model)
         metrics["artifacts"] |= method.artifacts()
         metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}
