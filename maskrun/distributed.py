@@ -17,7 +17,8 @@ runs the whole pipeline:
   the run's files and metrics.json; the other ranks end.
 
 A worker that dies fails the whole job: the launcher stops the others and raises ChildFailedError, which the
-job records as status failed. Cache entries appear only by an atomic rename, so nothing is half-written.
+job records as status failed (WorkerFailed: the rank and its error). Cache entries appear only by an atomic
+rename, so nothing is half-written.
 """
 
 import copy
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 STRATEGIES = ("ddp", "fsdp")
@@ -47,8 +49,19 @@ def launch(cfg: DictConfig, run_dir: Path, metrics: dict) -> None:
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # a free port: parallel jobs coexist
                           max_restarts=0, monitor_interval=0.1)
     settings = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
-    results = elastic_launch(config, worker)(settings, str(run_dir), metrics)
+    try:
+        results = elastic_launch(config, worker)(settings, str(run_dir), metrics)
+    except ChildFailedError as err:
+        raise WorkerFailed(err.name, err.failures) from None
     metrics.update(results[0])
+
+
+class WorkerFailed(ChildFailedError):
+    """The launcher's report that a worker failed (it stops the others then), told in one line."""
+
+    def __str__(self) -> str:
+        rank, failure = self.get_first_failure()
+        return f"rank {rank} failed: {failure.message}"
 
 
 def worker(settings: dict, run_dir: str, metrics: dict) -> dict | None:

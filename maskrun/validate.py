@@ -545,7 +545,7 @@ def check_processes(cfg: DictConfig) -> None:
     unsupported = {
         f"method={cfg.method.name}": cfg.method.name not in distributed.METHODS_ACROSS_PROCESSES[cfg.strategy],
         # rows share out a token-mean loss inexactly
-        f"a {task_type(cfg.dataset)} task": task_type(cfg.dataset) != "classification",
+        f"dataset={cfg.dataset.name} ({task_type(cfg.dataset)} task)": task_type(cfg.dataset) != "classification",
         f"eval.controls={list(cfg.eval.controls)}": bool(cfg.eval.controls),
         "experiment=sequential": bool(cfg.sequential.dataset),
         "finetune.input_mask_prob": bool(fcfg.input_mask_prob),  # each rank would draw its own noise
