@@ -24,7 +24,6 @@ rename, so nothing is half-written.
 import copy
 import os
 import uuid
-from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -68,10 +67,11 @@ def worker(settings: dict, run_dir: str, metrics: dict) -> dict | None:
     """One rank of the job: the pipeline with the cache fetched rank 0 first. Returns rank 0's metrics."""
     from maskrun import pipeline
     from maskrun.cache import Cache
+    from maskrun.devices import resolve_device
 
     cfg = OmegaConf.create(settings)
-    cuda = torch.device(cfg.device).type == "cuda" if cfg.device != "auto" else torch.cuda.is_available()
-    if cuda:
+    cuda = resolve_device(cfg.device).type == "cuda"
+    if cuda:  # the job leased its GPUs: they are all this process sees, one per local rank
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
     stage_group = dist.new_group(backend="gloo", timeout=STAGE_TIMEOUT)  # a CPU barrier, however long it waits
@@ -102,12 +102,12 @@ class RankZeroFirst:
 class Processes:
     """This process's place in the job: its rank among `world_size` processes, and how they fine-tune together.
 
-    In a job of one process (no process group) every method is the identity, so one-process fine-tuning is
-    exactly what it was.
+    With no strategy, or in a job of one process (no process group), every method is the identity, so
+    one-process fine-tuning is exactly what it was.
     """
 
     def __init__(self, strategy: str | None):
-        grouped = dist.is_available() and dist.is_initialized()
+        grouped = strategy is not None and dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if grouped else 0
         self.world_size = dist.get_world_size() if grouped else 1
         self.strategy = strategy if self.world_size > 1 else None
@@ -158,10 +158,6 @@ class Processes:
         """
         mine = rows[self.rank::self.world_size]
         return (mine, len(mine)) if mine else (rows[-1:], 0)
-
-    def accumulating(self, trained: torch.nn.Module, last: bool):
-        """DDP: no gradient all-reduce until the last micro-batch of a step (the sum is the same, sent once)."""
-        return trained.no_sync() if self.strategy == "ddp" and not last else nullcontext()
 
     def sum(self, *values: float) -> tuple[float, ...]:
         """Each value summed over the ranks (itself in one process)."""

@@ -148,19 +148,17 @@ def finetune(model, task, frozen: dict[str, torch.Tensor], fcfg, ocfg, device: t
                 step_loss, step_extra = 0.0, 0.0
                 for callback in callbacks:
                     callback.on_step_begin(step + 1, model, phase.optimizer)
-                for position, rows in enumerate(group):
-                    rows, counted = processes.share(rows)
-                    with processes.accumulating(trained, last=position == len(group) - 1):
-                        loss = micro_batch_loss(trained, task, [examples[i] for i in rows], fcfg, device,
-                                                noise_generator)
-                        extra = extra_loss(model, step + 1) if extra_loss else None
-                        total = loss if extra is None else loss + extra
-                        if not torch.isfinite(total):
-                            raise FloatingPointError(
-                                f"fine-tuning loss became {total.item()} at step {step + 1} (lower finetune.lr)")
-                        weight = counted / group_size  # exactly 1.0 for a group of one micro-batch in one process
-                        # DDP and FSDP average the ranks' gradients: each rank's share counts world_size times.
-                        scaler.scale(total * (weight * processes.world_size)).backward()
+                for rows in group:
+                    rows, counted = processes.share(rows)  # all of them in one process
+                    loss = micro_batch_loss(trained, task, [examples[i] for i in rows], fcfg, device, noise_generator)
+                    extra = extra_loss(model, step + 1) if extra_loss else None
+                    total = loss if extra is None else loss + extra
+                    if not torch.isfinite(total):
+                        raise FloatingPointError(
+                            f"fine-tuning loss became {total.item()} at step {step + 1} (lower finetune.lr)")
+                    weight = counted / group_size  # exactly 1.0 for a group of one micro-batch in one process
+                    # DDP and FSDP average the ranks' gradients: each rank's share counts world_size times.
+                    scaler.scale(total * (weight * processes.world_size)).backward()
                     step_loss += loss.item() * weight
                     step_extra += 0.0 if extra is None else extra.item() * weight
                 step_loss, step_extra = processes.sum(step_loss, step_extra)

@@ -50,12 +50,13 @@ def test_two_processes_fine_tune_as_one(tmp_path, cache_dir, one_process, strate
     assert any(not torch.equal(finetuned[name], pretrained[name]) for name in pretrained), "nothing was fine-tuned"
 
 
-def test_uneven_batches_and_accumulation_match_one_process(tmp_path, cache_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_uneven_batches_and_accumulation_match_one_process(tmp_path, cache_dir, strategy):
     # The smoke task's 280 training rows in micro-batches of 9 (5 + 4 rows a rank) and steps of 3: the last
     # step has one micro-batch of 9 rows and one of a single row, which leaves rank 1 a stand-in of weight 0.
     uneven = ["finetune.batch_size=9", "finetune.grad_accum=3", "finetune.epochs=1"]
     single = run(tmp_path / "one", cache_dir, ["devices=1", *uneven])
-    double = run(tmp_path / "two", cache_dir, ["devices=2", "strategy=fsdp", *uneven])
+    double = run(tmp_path / "two", cache_dir, ["devices=2", f"strategy={strategy}", *uneven])
     expected = load_file(single / "finetuned" / "model.safetensors")
     finetuned = load_file(double / "finetuned" / "model.safetensors")
     for name, weights in expected.items():
