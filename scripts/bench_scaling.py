@@ -8,7 +8,7 @@ own dropout masks). For each multi-process run it prints
     frozen_exact      every frozen entry bit-identical to the pretrained checkpoint
     step_s            fine-tuning stage seconds per optimizer step (validation after each epoch included)
     step_ratio        step_s / the 1-process run's step_s
-    launch_s          the job's total time less its stages' (starting the worker processes)
+    other_s           the job's time outside its stages: reading the data, and for 2 processes starting the workers
 
 Usage: python scripts/bench_scaling.py [--threads 1] [--json] [-- extra overrides...]   (--json: the last line is JSON)
 """
@@ -33,7 +33,9 @@ def run_job(root: Path, name: str, overrides: list[str], threads: int) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "maskrun.cli", *PRESET, *overrides, f"cache_dir={root / 'cache'}",
                f"hydra.run.dir={run_dir}"]
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    job = subprocess.run(command, env=env, capture_output=True, text=True)
+    if job.returncode != 0:
+        sys.exit(f"bench_scaling: {' '.join(overrides)} failed:\n{job.stderr}")
     return run_dir
 
 
@@ -50,7 +52,7 @@ def measure(run_dir: Path) -> dict:
     timing = metrics["timing"]
     stages = sum(seconds for stage, seconds in timing.items() if stage != "total_s")
     return {"world_size": metrics["world_size"], "status": metrics["status"], "steps": steps,
-            "step_s": timing["finetune"] / steps, "launch_s": timing["total_s"] - stages,
+            "step_s": timing["finetune"] / steps, "other_s": timing["total_s"] - stages,
             "frozen_exact": frozen_exact(run_dir, metrics)}
 
 
@@ -70,10 +72,10 @@ def main() -> None:
             results[name]["max_weight_diff"] = max((finetuned[k] - single[k]).abs().max().item() for k in single)
             results[name]["step_ratio"] = results[name]["step_s"] / results["1"]["step_s"]
     print(f"{'run':8} {'world':>5} {'steps':>5} {'max_weight_diff':>15} {'frozen_exact':>12} {'step_s':>8} "
-          f"{'step_ratio':>10} {'launch_s':>8}")
+          f"{'step_ratio':>10} {'other_s':>8}")
     for name, r in results.items():
         print(f"{name:8} {r['world_size']:>5} {r['steps']:>5} {r['max_weight_diff']:>15.3g} {str(r['frozen_exact']):>12} "
-              f"{r['step_s']:>8.4f} {r['step_ratio']:>10.2f} {r['launch_s']:>8.1f}")
+              f"{r['step_s']:>8.4f} {r['step_ratio']:>10.2f} {r['other_s']:>8.1f}")
     print(f"(--threads {args.threads} per process, {os.cpu_count()} CPUs)")
     if args.json:
         print(json.dumps({"threads": args.threads, "cpus": os.cpu_count(), "runs": results}))

@@ -2,6 +2,7 @@
 same global batch, frozen entries bit-identical, rank 0 alone writing; a rank that dies fails the job cleanly;
 what cannot run exactly is refused before any work."""
 
+import json
 import os
 import signal
 import subprocess
@@ -35,17 +36,24 @@ def one_process(tmp_path_factory, cache_dir) -> Path:
     return run(tmp_path_factory.mktemp("devices1"), cache_dir, ["devices=1"])
 
 
+def assert_same_weights(run_dir: Path, reference: Path) -> dict[str, torch.Tensor]:
+    """The fine-tuned weights of `run_dir` within 1e-5 of `reference`'s; returns them."""
+    finetuned = load_file(run_dir / "finetuned" / "model.safetensors")
+    expected = load_file(reference / "finetuned" / "model.safetensors")
+    assert finetuned.keys() == expected.keys()
+    for name, weights in expected.items():
+        torch.testing.assert_close(finetuned[name], weights, rtol=0, atol=1e-5,
+                                   msg=lambda detail, name=name: f"{name}: {detail}")
+    return finetuned
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_fine_tune_as_one(tmp_path, cache_dir, one_process, strategy):
     run_dir = run(tmp_path, cache_dir, ["devices=2", f"strategy={strategy}"])
     metrics, single = load_metrics(run_dir), load_metrics(one_process)
     assert metrics["status"] == "ok" and metrics["world_size"] == 2 and single["world_size"] == 1
     assert_frozen_entries_exact(run_dir)
-    finetuned = load_file(run_dir / "finetuned" / "model.safetensors")
-    expected = load_file(one_process / "finetuned" / "model.safetensors")
-    assert finetuned.keys() == expected.keys()
-    for name, weights in expected.items():
-        torch.testing.assert_close(finetuned[name], weights, rtol=0, atol=1e-5, msg=name)
+    finetuned = assert_same_weights(run_dir, one_process)
     pretrained = load_file(f"{metrics['artifacts']['pretrained']}/model.safetensors")
     assert any(not torch.equal(finetuned[name], pretrained[name]) for name in pretrained), "nothing was fine-tuned"
 
@@ -57,10 +65,12 @@ def test_uneven_batches_and_accumulation_match_one_process(tmp_path, cache_dir, 
     uneven = ["finetune.batch_size=9", "finetune.grad_accum=3", "finetune.epochs=1"]
     single = run(tmp_path / "one", cache_dir, ["devices=1", *uneven])
     double = run(tmp_path / "two", cache_dir, ["devices=2", f"strategy={strategy}", *uneven])
-    expected = load_file(single / "finetuned" / "model.safetensors")
-    finetuned = load_file(double / "finetuned" / "model.safetensors")
-    for name, weights in expected.items():
-        torch.testing.assert_close(finetuned[name], weights, rtol=0, atol=1e-5, msg=name)
+    assert_same_weights(double, single)
+    steps = [json.loads((d / "history.json").read_text())["train"] for d in (single, double)]
+    assert len(steps[0]) == len(steps[1])
+    for one, two in zip(*steps):  # the loss a step records is the global batch's, summed over the ranks
+        assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
+        assert one["grad_norm"] == pytest.approx(two["grad_norm"], abs=1e-5)  # FSDP: the norm over every shard
 
 
 def test_a_share_covers_every_row_once():
