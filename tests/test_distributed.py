@@ -73,6 +73,16 @@ def test_uneven_batches_and_accumulation_match_one_process(tmp_path, cache_dir, 
         assert one["grad_norm"] == pytest.approx(two["grad_norm"], abs=1e-5)  # FSDP: the norm over every shard
 
 
+def test_wholly_frozen_tensors_beside_trainable_ones_in_one_fsdp_unit(tmp_path, cache_dir):
+    # mask=layers freezes the embeddings whole (requires_grad off); FSDP's root unit also holds the trainable head.
+    layers = ["mask=layers", "model.num_layers=2"]
+    single = run(tmp_path / "one", cache_dir, ["devices=1", *layers])
+    double = run(tmp_path / "two", cache_dir, ["devices=2", "strategy=fsdp", *layers])
+    masks, _, _ = assert_frozen_entries_exact(double)
+    assert any(bool(frozen.all()) for frozen in masks.values()) and not all(bool(f.all()) for f in masks.values())
+    assert_same_weights(double, single)
+
+
 def test_a_share_covers_every_row_once():
     rows = list(range(5))
     shares = [Processes(None) for _ in range(3)]
