@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 STRATEGIES = ("ddp", "fsdp")
 # The methods each strategy runs exactly (maskrun.validate refuses the others before any work).
-METHODS_ACROSS_PROCESSES = {"ddp": ("mask", "full"), "fsdp": ("mask", "full")}
+METHODS_ACROSS_PROCESSES = {"ddp": ("mask", "full", "lora", "l2sp"), "fsdp": ("mask", "full")}
 # How long ranks wait at a barrier for rank 0 to compute a stage: pretraining a large model may take hours.
 STAGE_TIMEOUT = timedelta(days=1)
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import MASKRUN, assert_frozen_entries_exact, load_metrics, maskrun, run_cli
 from maskrun.cache import entry_problem
-from maskrun.distributed import Processes
+from maskrun.distributed import METHODS_ACROSS_PROCESSES, Processes
 
 SMOKE = ["experiment=smoke", "model.dropout=0", "device=cpu"]  # dropout off: every rank would draw its own
 
@@ -71,6 +71,16 @@ def test_uneven_batches_and_accumulation_match_one_process(tmp_path, cache_dir, 
     for one, two in zip(*steps):  # the loss a step records is the global batch's, summed over the ranks
         assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
         assert one["grad_norm"] == pytest.approx(two["grad_norm"], abs=1e-5)  # FSDP: the norm over every shard
+
+
+@pytest.mark.parametrize("strategy, method", [(strategy, method) for strategy, methods in METHODS_ACROSS_PROCESSES.items()
+                                              for method in methods if method != "mask"])
+def test_every_method_a_strategy_accepts_matches_one_process(tmp_path, cache_dir, strategy, method):
+    unmasked = [f"method={method}", "mask=none"]
+    single = run(tmp_path / "one", cache_dir, ["devices=1", *unmasked])
+    double = run(tmp_path / "two", cache_dir, ["devices=2", f"strategy={strategy}", *unmasked])
+    assert_same_weights(double, single)
+    assert load_metrics(double)["artifacts"] == load_metrics(single)["artifacts"]  # lora's adapter/ too
 
 
 def test_wholly_frozen_tensors_beside_trainable_ones_in_one_fsdp_unit(tmp_path, cache_dir):
