@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -151,3 +152,29 @@ def test_a_job_on_gpus_needs_as_many_as_its_devices(tmp_path, monkeypatch):
     monkeypatch.setenv("MASKRUN_FAKE_GPUS", "1")  # run_cli empties CUDA_VISIBLE_DEVICES: one declared GPU is seen
     result = run_cli(["experiment=smoke", "devices=2", f"cache_dir={tmp_path / 'cache'}"], tmp_path)
     assert result.returncode == 2 and "devices=2 strategy=ddp needs 2 GPUs and 1 are visible" in result.stderr
+
+
+def test_a_job_of_two_processes_leases_two_gpus_once_both_are_free(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    from maskrun import devices
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv(devices.FAKE_GPUS_ENV, "2")
+    monkeypatch.setattr(devices, "LOCK_DIR", tmp_path)
+    other_job = FileLock(tmp_path / "gpu-0.lock")
+    other_job.acquire()
+    leased = {}
+
+    def lease_two():
+        with devices.gpu_lease("auto", 2, poll_s=0.02) as gpus:
+            leased.update(gpus=gpus, visible=os.environ["CUDA_VISIBLE_DEVICES"], at=time.time())
+
+    waiting = threading.Thread(target=lease_two)
+    waiting.start()
+    time.sleep(0.3)
+    assert not leased  # one GPU free is not enough
+    released_at = time.time()
+    other_job.release()
+    waiting.join(timeout=10)
+    assert leased["gpus"] == leased["visible"] == "0,1" and leased["at"] >= released_at
