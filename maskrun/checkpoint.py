@@ -56,9 +56,22 @@ def any_rank(flag: bool) -> bool:
     """Whether `flag` holds on some rank: every rank must stop after the same step."""
     if not dist.is_initialized():
         return flag
-    votes = torch.tensor([int(flag)])
+    votes = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")  # nccl: CUDA only
     dist.all_reduce(votes, op=dist.ReduceOp.MAX)
     return bool(votes.item())
+
+
+def ranks_rng_states() -> dict[str, torch.Tensor]:
+    """The global RNG states (torch's CPU one, which dropout draws from on the CPU, and CUDA's on CUDA) of every
+    rank, named by rank: each rank of a resumed job takes its own back."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    ranks = [states]
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, states)
+    return {f"{kind}.rank{rank}": state for rank, each in enumerate(ranks) for kind, state in each.items()}
 
 
 def encode(value, tensors: dict[str, torch.Tensor], path: str):
@@ -156,6 +169,7 @@ class Checkpointing:
              history: dict, rng: dict[str, torch.Tensor], callbacks=()) -> None:
         """Writes `run_dir/checkpoint/step-N` whole or not at all (rank 0 only); `phase` is a maskrun.finetune.Phase,
         `stopping` its EarlyStopping, `rng` the loop's generator states (the order generator's at the epoch's start)."""
+        rng = rng | ranks_rng_states()  # every rank's: dropout draws differ between ranks
         if is_writer():
             self.publish(position.step, lambda out: self.write(out, position, model, phase, scaler, stopping,
                                                                history, rng, callbacks))
@@ -169,9 +183,6 @@ class Checkpointing:
                    if p.requires_grad or id(p) in optimized}, out / MODEL_FILE)
         tensors = {f"rng.{name}": state for name, state in rng.items()}
         tensors |= {f"rng.{name}": generator.get_state() for name, generator in self.generators.items()}
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
         state = {
             "fingerprint": self.fingerprint,
             "position": vars(position),
@@ -228,9 +239,10 @@ class Checkpointing:
                 callback.load_state_dict(decode(state["callbacks"][type(callback).__name__], tensors))
         for name, generator in (generators | self.generators).items():
             generator.set_state(tensors[f"rng.{name}"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.set_rng_state(tensors[f"rng.torch.rank{rank}"])
+        if f"rng.cuda.rank{rank}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{rank}"])
         self.resumed_from_step = checkpoint.position.step
         console.print(f"maskrun: resumed fine-tuning from {path} (step {self.resumed_from_step})")
 

@@ -1,8 +1,9 @@
-"""Device choice, and GPU leases: one GPU per job on one host.
+"""Device choice, and GPU leases: `devices` GPUs per job (one by default) on one host.
 
 Parallel jobs on one host must not share a GPU. Each job takes an exclusive lock on one
-per-GPU lock file before any CUDA call and holds it until the job ends; then it sets
-`CUDA_VISIBLE_DEVICES` to that GPU, so CUDA (started later, by the job) sees only it.
+per-GPU lock file per GPU it needs before any CUDA call and holds them until the job ends; then it
+sets `CUDA_VISIBLE_DEVICES` to those GPUs, so CUDA (started later, by the job and its worker
+processes) sees only them.
 Launchers reuse pool workers, so a counter such as `job.num % n_gpus` would hand one GPU to
 two running jobs; a lock cannot. Once a worker has pinned its GPU, its later jobs see only
 that GPU and lease it again: CUDA reads `CUDA_VISIBLE_DEVICES` once per process.
@@ -51,8 +52,9 @@ def visible_gpus() -> list[str]:
 
 
 @contextmanager
-def gpu_lease(device: str, poll_s: float = 0.5) -> Iterator[str | None]:
-    """Holds one free GPU for the body and yields its id; yields None when no GPU is to be leased.
+def gpu_lease(device: str, count: int = 1, poll_s: float = 0.5) -> Iterator[str | None]:
+    """Holds `count` free GPUs for the body and yields their ids, comma-separated; yields None when no GPU is to
+    be leased.
 
     Only `device=auto` and `device=cuda` lease: `cuda:N` and `cpu` are the user's explicit choice.
     """
@@ -61,21 +63,30 @@ def gpu_lease(device: str, poll_s: float = 0.5) -> Iterator[str | None]:
         yield None
         return
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    gpu, lock = wait_for_free_gpu(gpus, poll_s)
+    leased, locks = wait_for_free_gpus(gpus, count, poll_s)
     try:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-        yield gpu
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(leased)
+        yield ",".join(leased)
     finally:
-        lock.release()
+        for lock in locks:
+            lock.release()
 
 
-def wait_for_free_gpu(gpus: list[str], poll_s: float) -> tuple[str, FileLock]:
+def wait_for_free_gpus(gpus: list[str], count: int, poll_s: float) -> tuple[list[str], list[FileLock]]:
+    """Locks `count` of `gpus`. A try that finds too few free releases what it took before waiting: two jobs
+    holding part of what each needs would otherwise wait for each other forever."""
     while True:
+        leased, locks = [], []
         for gpu in gpus:
             lock = FileLock(LOCK_DIR / f"gpu-{gpu}.lock")
             try:
                 lock.acquire(timeout=0)
-                return gpu, lock
             except Timeout:
                 continue
+            leased.append(gpu)
+            locks.append(lock)
+            if len(leased) == count:
+                return leased, locks
+        for lock in locks:
+            lock.release()
         time.sleep(poll_s)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import get_scheduler
 
 from maskrun.checkpoint import Checkpointing, Position
+from maskrun.distributed import Processes
 from maskrun.optim import MaskedOptimizer
 from maskrun.progress import StageProgress
 
@@ -118,7 +119,8 @@ class EarlyStopping:
 
 def finetune(model, task, frozen: dict[str, torch.Tensor] | Path, fcfg, ocfg, device: torch.device, seed: int,
              extra_loss: Callable[[torch.nn.Module, int], torch.Tensor | None] | None = None,
-             callbacks: Sequence[Callback] = (), checkpointing: Checkpointing | None = None) -> dict:
+             callbacks: Sequence[Callback] = (), checkpointing: Checkpointing | None = None,
+             processes: Processes | None = None) -> dict:
     """Train `model` on the training split of `task` (a maskrun.tasks TaskType); returns the loss and validation
     history.
 
@@ -128,10 +130,15 @@ def finetune(model, task, frozen: dict[str, torch.Tensor] | Path, fcfg, ocfg, de
     micro-batch of step `step` (penalties, replay); `callbacks` are called around every step and validation;
     `checkpointing` says where and how often to checkpoint, and a checkpoint found there is resumed.
 
+    With several `processes` (maskrun.distributed), `model` is what they train together (wrapped by
+    `processes.wrap`), `finetune.batch_size` is the global batch and each rank runs its share of every micro-batch.
+
     `history["selected"]` is the validation result of the model left in `model` (the best one under
     early stopping, else the last); `optimizer_state_bytes` is the largest over the phases.
     """
     torch.manual_seed(seed)
+    processes = processes or Processes(None)
+    trained, model = model, processes.unwrapped(model)  # forward through `trained`; names and evaluation: `model`
     examples = task.examples(task.data.train)
     micro_per_epoch = math.ceil(len(examples) / fcfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / fcfg.grad_accum)
@@ -175,16 +182,19 @@ def finetune(model, task, frozen: dict[str, torch.Tensor] | Path, fcfg, ocfg, de
                 for callback in callbacks:
                     callback.on_step_begin(step + 1, model, phase.optimizer)
                 for rows in group:
-                    loss = micro_batch_loss(model, task, [examples[i] for i in rows], fcfg, device, noise_generator)
+                    rows, counted = processes.share(rows)  # all of them in one process
+                    loss = micro_batch_loss(trained, task, [examples[i] for i in rows], fcfg, device, noise_generator)
                     extra = extra_loss(model, step + 1) if extra_loss else None
                     total = loss if extra is None else loss + extra
                     if not torch.isfinite(total):
                         raise FloatingPointError(
                             f"fine-tuning loss became {total.item()} at step {step + 1} (lower finetune.lr)")
-                    weight = len(rows) / group_size  # exactly 1.0 for a group of one micro-batch
-                    scaler.scale(total * weight).backward()
+                    weight = counted / group_size  # exactly 1.0 for a group of one micro-batch in one process
+                    # DDP and FSDP average the ranks' gradients: each rank's share counts world_size times.
+                    scaler.scale(total * (weight * processes.world_size)).backward()
                     step_loss += loss.item() * weight
                     step_extra += 0.0 if extra is None else extra.item() * weight
+                step_loss, step_extra = processes.sum(step_loss, step_extra)
                 lr = phase.scheduler.get_last_lr()[0]  # the rate this step uses
                 grad_norm = phase.step(fcfg.max_grad_norm, scaler)
                 step += 1

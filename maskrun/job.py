@@ -60,6 +60,7 @@ def new_metrics(cfg: DictConfig, config_hash: str) -> dict:
         "choices": {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")},
         "seed": cfg.seed,
         "device": str(cfg.device),
+        "world_size": cfg.devices,  # processes that fine-tune together (maskrun.distributed)
         "task": None,
         "interference": None,
         "mask": None,
@@ -110,15 +111,20 @@ def run_job(cfg: DictConfig) -> str:
 
 def compute(cfg: DictConfig, cache: Cache, run_dir: Path, metrics: dict, result_dir: Path, trackers: Trackers) -> None:
     """Runs the pipeline into run_dir and records metrics.json; an ok run's results go to result_dir too."""
-    from maskrun import checkpoint, pipeline  # torch and transformers: not needed to reuse a finished job
+    from maskrun import checkpoint, distributed, pipeline  # torch and transformers: not needed to reuse a finished job
+    from maskrun.loggers.curves import replay
 
-    with gpu_lease(str(cfg.device)) as gpu:  # before any CUDA call
+    with gpu_lease(str(cfg.device), cfg.devices) as gpu:  # before any CUDA call
         metrics["lease"].update(gpu=gpu, start=time.time())
         start = time.perf_counter()
         try:
             trackers.start()  # a tracker that cannot open fails the job, before its work
             with preemption.handled():
-                pipeline.run(cfg, cache, run_dir, metrics, trackers)
+                if cfg.devices > 1:
+                    distributed.launch(cfg, run_dir, metrics)  # the pipeline in cfg.devices worker processes
+                    replay(trackers, json.loads((run_dir / "history.json").read_text()))
+                else:
+                    pipeline.run(cfg, cache, run_dir, metrics, trackers)
             metrics["status"] = "ok"
             metrics["cache"]["result"] = "miss"
             checkpoint.discard(run_dir)

@@ -15,6 +15,9 @@ import math
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
+
+from maskrun.distributed import global_norm, local_entries, local_mask
 
 
 def decays(param: torch.Tensor) -> bool:
@@ -95,26 +98,30 @@ class TrainableEntries:
 
 
 class PartiallyFrozen:
-    """A parameter with some frozen entries, seen by the optimizer through its trainable entries only."""
+    """A parameter with some frozen entries, seen by the optimizer through its trainable entries only.
+
+    Under FSDP2 the parameter is a shard (a DTensor): everything below addresses its local entries
+    (`local_entries`) with the same shard of the mask (`local_mask`).
+    """
 
     def __init__(self, param: torch.nn.Parameter, frozen: torch.Tensor):
         self.param = param
-        self.entries = TrainableEntries(frozen)
-        self.shadow = torch.nn.Parameter(param.new_empty(0))
+        self.entries = TrainableEntries(local_mask(frozen, param))
+        self.shadow = torch.nn.Parameter(local_entries(param).new_empty(0))
 
     # index_select and scatter_ are several times faster on CPU than indexing with `[]` or masked_select;
     # scatter_ wants an int64 index. An index unpacked from a bitmap is unpacked again at the write rather
     # than held through the optimizer step, so that the step's peak memory holds no unpacked index.
     def gather(self) -> None:
         index = self.entries.index()
-        self.shadow.data = torch.index_select(self.param.detach().view(-1), 0, index)
+        self.shadow.data = torch.index_select(local_entries(self.param.detach()).view(-1), 0, index)
         grad = self.param.grad
-        self.shadow.grad = None if grad is None else torch.index_select(grad.view(-1), 0, index)
+        self.shadow.grad = None if grad is None else torch.index_select(local_entries(grad).view(-1), 0, index)
         self.param.grad = None
 
     def scatter(self) -> None:
-        self.param.data.view(-1).scatter_(0, self.entries.index().long(), self.shadow.data)
-        self.shadow.data = self.param.new_empty(0)
+        local_entries(self.param.data).view(-1).scatter_(0, self.entries.index().long(), self.shadow.data)
+        self.shadow.data = self.shadow.data.new_empty(0)
         self.shadow.grad = None
 
 
@@ -138,6 +145,7 @@ class MaskedOptimizer:
             group.append(param)
         groups = [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.optimizer = make_torch_optimizer(ocfg, [g for g in groups if g["params"]], lr)
+        self.sharded = any(isinstance(p, DTensor) for p in model.parameters())  # FSDP2: each rank holds a shard
 
     def trainable_tensors(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -154,9 +162,12 @@ class MaskedOptimizer:
             scaler.unscale_(self.optimizer)
         with_grad = [p for p in self.trainable_tensors() if p.grad is not None]
         # Frozen entries are not in these gradients, so they take no share of the clipping budget.
-        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+        norm = global_norm([local_entries(p.grad) for p in with_grad], self.sharded)
         if max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(with_grad, max_grad_norm, norm)
+            # torch's clipping takes plain and DTensor gradients, not both in one call
+            for tensors in ([p for p in with_grad if not isinstance(p, DTensor)],
+                            [p for p in with_grad if isinstance(p, DTensor)]):
+                torch.nn.utils.clip_grads_with_norm_(tensors, max_grad_norm, norm)
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
@@ -171,7 +182,7 @@ class MaskedOptimizer:
         """Bytes the masking keeps resident for training: the optimizer state of the trainable entries and each
         partially frozen parameter's record of which of its entries train."""
         state = sum(
-            t.numel() * t.element_size()
+            local_entries(t).numel() * t.element_size()  # this rank's: FSDP2 shards the state too
             for s in self.optimizer.state.values()
             for t in s.values()
             if torch.is_tensor(t)

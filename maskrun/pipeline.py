@@ -22,6 +22,7 @@ from maskrun.controls import run_controls
 from maskrun.data import load_corpus, load_task
 from maskrun.data.tokenizer import prepare_tokenizer
 from maskrun.devices import resolve_device
+from maskrun.distributed import Processes
 from maskrun.evaluate import interference
 from maskrun.finetune import finetune
 from maskrun.job import hash_config
@@ -42,9 +43,13 @@ from maskrun.tasks import build_task
 
 def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | None = None) -> None:
     """Runs the arrow for `cfg`, filling `metrics` stage by stage (so a failure keeps what was done); `trackers`
-    see the pretraining steps (when pretraining runs) and the fine-tuning curves."""
+    see the pretraining steps (when pretraining runs) and the fine-tuning curves.
+
+    One rank of a job of several processes runs it too (maskrun.distributed): rank 0 alone writes the run's files.
+    """
     trackers = trackers or Trackers(cfg, None, [])
     device = resolve_device(cfg.device)
+    processes = Processes(cfg.strategy)
     timing, hits = metrics.setdefault("timing", {}), metrics.setdefault("cache", {})
     metrics["device"] = str(device)
     metrics["cpu_threads"] = torch.get_num_threads()  # float sums, hence the last bits, depend on it
@@ -97,8 +102,9 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
             "mask", stages.mask(cfg, pretrained_dir, scores_dir),
             lambda out: write_mask(build_mask(cfg.mask, params, mask_scores(), cfg.seed,
                                               neuron_axes(model, params)), out))
-        shutil.copyfile(mask_dir / MASK_FILE, run_dir / MASK_FILE)
-        frozen, tied_share = load_file(run_dir / MASK_FILE), read_tied_share(mask_dir)
+        if processes.is_main:
+            shutil.copyfile(mask_dir / MASK_FILE, run_dir / MASK_FILE)
+        frozen, tied_share = load_file(mask_dir / MASK_FILE), read_tied_share(mask_dir)
         metrics["mask"] = mask_summary(cfg.mask, frozen, tied_share) | head_summary(model, pretrained_names(pretrained_dir))
 
     def method_scores(score: str) -> dict[str, torch.Tensor]:
@@ -116,11 +122,16 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
 
     with stage_timer(timing, "finetune"):
         moving = moving_mask(cfg.mask, model, list(params), cfg.seed)  # None unless the mask moves while training
-        checkpointing = Checkpointing(run_dir / CHECKPOINT_DIR, cfg.finetune.checkpoint_every, hash_config(cfg),
-                                      method.generators())
-        history = finetune(model, task, run_dir / MASK_FILE, cfg.finetune, cfg.optimizer, device, cfg.seed,
+        # FSDP's sharded state is not checkpointed (yet): validate refuses finetune.checkpoint_every with it
+        checkpointing = Checkpointing(None if processes.strategy == "fsdp" else run_dir / CHECKPOINT_DIR,
+                                      cfg.finetune.checkpoint_every, hash_config(cfg), method.generators())
+        trained = processes.wrap(model, load_file(mask_dir / MASK_FILE))
+        history = finetune(trained, task, mask_dir / MASK_FILE, cfg.finetune, cfg.optimizer, device, cfg.seed,
                            method.extra_loss, callbacks=[TrainingCurves(trackers)] + ([moving] if moving else []),
-                           checkpointing=checkpointing)
+                           checkpointing=checkpointing, processes=processes)
+        processes.gather(trained, model)
+        if not processes.is_main:  # the other ranks' part ends with fine-tuning
+            return
         metrics["finetune"] = {"resumed_from_step": checkpointing.resumed_from_step}
         if moving:  # the run's mask: the entries frozen at every step
             frozen = moving.frozen_throughout()

@@ -24,6 +24,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from maskrun import distributed
 from maskrun.data.corpus import check_corpus, load_corpus
 from maskrun.data.packaged import packaged_file
 from maskrun.data.tasks import check_task, load_task, task_type
@@ -173,6 +174,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
             check_dataset(cfg.sequential.dataset)
         check_device(str(cfg.device))
         check_loggers(cfg)
+        check_processes(cfg)
     except (TypeError, ValueError, KeyError, AttributeError, OmegaConfBaseException) as err:
         # A value of the wrong shape (a list for a number, a section set to a string) trips a check.
         raise ConfigError(f"malformed configuration: {first_line(err)}", "maskrun --cfg job shows every key and its value") from None
@@ -625,6 +627,43 @@ def check_device(device: str) -> None:
     if index >= torch.cuda.device_count():
         raise ConfigError(f"device={device} does not exist: {torch.cuda.device_count()} CUDA device(s) visible",
                           "use device=auto or device=cpu")
+
+
+def check_processes(cfg: DictConfig) -> None:
+    """`devices=N strategy=...`: what several processes cannot yet run exactly is refused, naming the combination."""
+    positive_int(cfg.devices, "devices")
+    one_of(cfg.strategy, distributed.STRATEGIES, "strategy")
+    if cfg.devices == 1:
+        return
+    combination = f"devices={cfg.devices} strategy={cfg.strategy}"
+    if str(cfg.device).startswith("cuda:"):
+        raise ConfigError(f"device={cfg.device} names one GPU, and {combination} runs on {cfg.devices}",
+                          "use device=cuda (the job leases its GPUs) or device=cpu")
+    from maskrun.devices import visible_gpus
+
+    gpus = len(visible_gpus()) if str(cfg.device) in ("auto", "cuda") else 0
+    if (str(cfg.device) == "cuda" or gpus) and gpus < cfg.devices:
+        raise ConfigError(f"{combination} needs {cfg.devices} GPUs and {gpus} are visible",
+                          f"use devices={gpus or 1}, or device=cpu")
+    fcfg = cfg.finetune
+    unsupported = {
+        f"method={cfg.method.name}": cfg.method.name not in distributed.METHODS_ACROSS_PROCESSES[cfg.strategy],
+        # rows share out a token-mean loss inexactly
+        f"dataset={cfg.dataset.name} ({task_type(cfg.dataset)} task)": task_type(cfg.dataset) != "classification",
+        f"eval.controls={list(cfg.eval.controls)}": bool(cfg.eval.controls),
+        "experiment=sequential": bool(cfg.sequential.dataset),
+        "eval.posthoc_reset": bool(cfg.eval.posthoc_reset),  # rank 0 measures alone, and the mask stage is collective
+        "finetune.input_mask_prob": bool(fcfg.input_mask_prob),  # each rank would draw its own noise
+        "finetune.unfreeze_after": fcfg.unfreeze_after is not None,  # the wrapper fixed what gets gradients
+        "finetune.gradient_checkpointing": fcfg.gradient_checkpointing,
+        "finetune.early_stopping_patience": cfg.strategy == "fsdp" and fcfg.early_stopping_patience is not None,
+        "finetune.precision=fp16": cfg.strategy == "fsdp" and fcfg.precision == "fp16",  # overflow seen per shard
+        # the sharded model and optimizer state would need torch.distributed.checkpoint
+        "finetune.checkpoint_every": cfg.strategy == "fsdp" and fcfg.checkpoint_every is not None,
+    }
+    for setting, refused in unsupported.items():
+        if refused:
+            raise ConfigError(f"{setting} cannot run with {combination} yet", f"drop {setting}, or use devices=1")
 
 
 def check_writable(path: Path, key: str) -> None:

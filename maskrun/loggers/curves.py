@@ -19,3 +19,13 @@ class TrainingCurves(Callback):
     def on_validation(self, record: dict) -> None:
         numbers = {f"validation/{key}": value for key, value in record.items() if key not in POSITION and is_number(value)}
         self.trackers.log_metrics(numbers, record["step"])
+
+
+def replay(trackers: Trackers, history: dict) -> None:
+    """The curves of a fine-tuning that ran in worker processes (maskrun.distributed), from the history rank 0
+    wrote: the job's own process logs them, as it logs everything else of the job."""
+    curves = TrainingCurves(trackers)
+    for record in history["train"]:
+        curves.on_step_end(record["step"], None, None, record)
+    for record in history["validation"]:
+        curves.on_validation(record)
