@@ -1,6 +1,6 @@
 """Resume drill: kill -9 a checkpointing smoke run at random steps, rerun it, compare with an uninterrupted run.
 
-    python scripts/kill_resume_drill.py WORKDIR [--seed N] [--kills 3] [--every 1] [--threads 1]
+    python scripts/kill_resume_drill.py WORKDIR [--seed N] [--kills 3] [--every 1] [--threads 1] [--devices 1]
 
 First one uninterrupted smoke run (no checkpoints). Then, for each of `--kills` distinct steps drawn by a seeded
 choice (the seed is printed), a run with finetune.checkpoint_every=E started against a copy of the reference's
@@ -9,7 +9,8 @@ its process group gets SIGKILL a random moment (up to 0.1 s, also seeded) after 
 has passed, so that the kill lands anywhere in a step or in the writing of a checkpoint; the same command is run
 again and must resume. Checks: the rerun is ok and resumed, its fine-tuned weights are byte for byte the
 uninterrupted run's, and so are its history and its task and interference numbers. Every process runs with the
-same thread count (float sums, hence the last bits, depend on it).
+same thread count (float sums, hence the last bits, depend on it). `--devices 2` runs every job as two DDP
+processes on the CPU (the kill reaches the job and its workers).
 """
 
 import argparse
@@ -23,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-SMOKE = ["experiment=smoke"]
+SMOKE = ["experiment=smoke", "device=cpu"]
 SAME = ("task", "interference")  # the numbers an interrupted run must reproduce exactly
 
 
@@ -94,7 +95,10 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--every", type=int, default=1, help="finetune.checkpoint_every of the killed runs")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
+    parser.add_argument("--devices", type=int, default=1, help="processes per job (strategy=ddp when more than 1)")
     args = parser.parse_args()
+    if args.devices > 1:
+        SMOKE.extend([f"devices={args.devices}", "strategy=ddp"])
     seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed
     args.workdir.mkdir(parents=True, exist_ok=True)
 
