@@ -208,3 +208,27 @@ def test_a_shared_save_dir_keeps_each_sweep_in_its_own_folder(tmp_path):
     assert run.job_dir(None, "tensorboard") == tmp_path / "sweep" / "tensorboard" / "0_mask.ratio=0.2"
     assert run.job_dir(str(tmp_path / "tb"), "tensorboard") == (
         tmp_path / "tb" / "outputs-multirun-2026-01-01-10-00-00" / "0_mask.ratio=0.2")
+
+
+def test_a_tracker_that_cannot_open_fails_the_job_and_ends_the_runs_opened_before_it(tmp_path):
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from maskrun.job import run_job
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with initialize_config_module("maskrun.conf", version_base="1.3"):
+        cfg = compose("config", ["experiment=smoke", f"cache_dir={tmp_path / 'cache'}", "logger=[mlflow,csv]",
+                                 f"logger.csv.save_dir={not_a_dir}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.hydra.mode = RunMode.RUN
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(SystemExit):
+        run_job(cfg)
+    assert load_metrics(tmp_path / "run")["status"] == "failed"
+    (run,) = mlflow_runs(tmp_path / "run" / "mlruns", tmp_path / "run").to_dict("records")  # not one more per try
+    assert run["status"] == "FAILED"
