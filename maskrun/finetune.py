@@ -88,6 +88,10 @@ class Callback:
     def on_validation(self, record: dict) -> None:
         """After an epoch's validation; `record` is its history["validation"] entry."""
 
+    def on_resume(self, history: dict) -> None:
+        """After a checkpoint is restored, before the first step left; `history` holds the steps and validations
+        taken before it (by a run whose callbacks were other objects)."""
+
     def state_dict(self) -> dict:
         """What a checkpoint must keep for a resumed run to go on as this one would (tensors, JSON values)."""
         return {}
@@ -162,6 +166,9 @@ def finetune(model, task, frozen: dict[str, torch.Tensor] | Path, fcfg, ocfg, de
         checkpointing.restore(checkpoint, model, phase, scaler, stopping, history,
                               {"order": order_generator, "noise": noise_generator}, callbacks)
         step, first_epoch = checkpoint.position.step, checkpoint.position.epoch
+        for callback in callbacks:  # not every callback derives from Callback (a mask that moves)
+            if hasattr(callback, "on_resume"):
+                callback.on_resume(history)
     with StageProgress("finetune", total=steps_per_epoch * fcfg.epochs) as progress, \
             checkpointing.deferring_preemption():
         for epoch in range(first_epoch, fcfg.epochs + 1):

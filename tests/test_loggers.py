@@ -4,11 +4,14 @@ logged to all four at once; a reused result logged once, as reused; bad choices 
 import csv
 import json
 import os
+import signal
+import subprocess
+import time
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import load_metrics, maskrun, run_cli, run_dirs
+from conftest import MASKRUN, load_metrics, maskrun, run_cli, run_dirs
 from maskrun.errors import ConfigError
 
 ALL = "logger=[tensorboard,mlflow,csv,wandb]"
@@ -208,3 +211,58 @@ def test_a_shared_save_dir_keeps_each_sweep_in_its_own_folder(tmp_path):
     assert run.job_dir(None, "tensorboard") == tmp_path / "sweep" / "tensorboard" / "0_mask.ratio=0.2"
     assert run.job_dir(str(tmp_path / "tb"), "tensorboard") == (
         tmp_path / "tb" / "outputs-multirun-2026-01-01-10-00-00" / "0_mask.ratio=0.2")
+
+
+def test_a_tracker_that_cannot_open_fails_the_job_and_ends_the_runs_opened_before_it(tmp_path):
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from maskrun.job import run_job
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with initialize_config_module("maskrun.conf", version_base="1.3"):
+        cfg = compose("config", ["experiment=smoke", f"cache_dir={tmp_path / 'cache'}", "logger=[mlflow,csv]",
+                                 f"logger.csv.save_dir={not_a_dir}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.hydra.mode = RunMode.RUN
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(SystemExit):
+        run_job(cfg)
+    assert load_metrics(tmp_path / "run")["status"] == "failed"
+    (run,) = mlflow_runs(tmp_path / "run" / "mlruns", tmp_path / "run").to_dict("records")  # not one more per try
+    assert run["status"] == "FAILED"
+
+
+def test_a_resumed_job_logs_the_whole_of_its_curves_once(logged, tmp_path):
+    """Stopped by SIGTERM after a checkpoint and rerun: the rerun's tracker runs hold every step of history.json,
+    those before the checkpoint too, and TensorBoard shows each step once, not the stopped attempt's points again."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cwd = logged[0]  # its cache: pretraining is a hit
+    args = ["experiment=smoke", "optimizer.weight_decay=0.1", "finetune.checkpoint_every=1",
+            "logger=[mlflow,csv,tensorboard]",
+            f"cache_dir={cwd / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    job = subprocess.Popen(MASKRUN + args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (tmp_path / "run" / "checkpoint").is_dir() and job.poll() is None:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    job.wait(timeout=300)
+    maskrun(args, tmp_path)
+    metrics = load_metrics(tmp_path / "run")
+    assert metrics["finetune"]["resumed_from_step"]
+    steps = [r["step"] for r in json.loads((tmp_path / "run" / "history.json").read_text())["train"]]
+
+    runs = mlflow_runs(tmp_path / "run" / "mlruns", tmp_path / "run")
+    (finished,) = runs[runs["status"] == "FINISHED"].to_dict("records")
+    assert sorted(m.step for m in MlflowClient().get_metric_history(finished["run_id"], "train/loss")) == steps
+    with open(only_dir(tmp_path / "run" / "csv") / "metrics.csv", newline="") as file:
+        assert [int(row["step"]) for row in csv.DictReader(file) if row["name"] == "train/loss"] == steps
+    events = EventAccumulator(str(only_dir(tmp_path / "run" / "tensorboard")), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == steps

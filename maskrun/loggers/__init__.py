@@ -46,14 +46,18 @@ class Trackers:
     def __init__(self, cfg: DictConfig, run: TrackedRun | None, names: Iterable[str]):
         self.cfg, self.run, self.names = cfg, run, list(names)
         self.open: dict[str, Tracker] = {}
+        self.started = False
 
     def start(self) -> None:
-        """Opens every tracker and logs the job's hyperparameters."""
-        if not self.names or self.open or not is_rank_zero():
+        """Opens every tracker and logs the job's hyperparameters, once. When one fails to open, those opened
+        before it stay in `open`, so that `finish` ends their runs (failed) instead of leaving them running."""
+        if not self.names or self.started or not is_rank_zero():
             return
-        self.open = {name: TRACKERS[name](self.cfg.logger[name], self.run) for name in self.names}
+        self.started = True
         params = hyperparameters(self.cfg)
-        for tracker in self.open.values():
+        for name in self.names:
+            tracker = TRACKERS[name](self.cfg.logger[name], self.run)
+            self.open[name] = tracker
             tracker.log_hyperparams(params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -74,20 +78,21 @@ class Trackers:
             self.start()
         except Exception as err:  # noqa: BLE001 - any tracker's own failure
             print(f"maskrun: warning: the loggers could not open to record the result: {err}", file=sys.stderr)
-            return
         summary = final_numbers(metrics)
         artifacts = [path for path in [self.run.run_dir / "report.md", *sorted((self.run.run_dir / "plots").glob("*.png"))]
                      if path.is_file()]
+        recorded = []
         for name, tracker in self.open.items():
             try:
                 tracker.log_hyperparams({"reused": reused})
                 tracker.log_summary(summary)
                 tracker.log_artifacts(artifacts, self.run.run_dir)
                 tracker.close(metrics["status"])
+                recorded.append(name)
             except Exception as err:  # noqa: BLE001 - any tracker's own failure
                 print(f"maskrun: warning: logger={name} could not record the result: {err}", file=sys.stderr)
         if metrics["status"] == "ok":
-            record_logged(self.run.run_dir, config_hash, self.names)
+            record_logged(self.run.run_dir, config_hash, recorded)
 
 
 def job_trackers(cfg: DictConfig, run_dir: Path, config_hash: str, finished: bool = False) -> Trackers:

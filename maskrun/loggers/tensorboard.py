@@ -13,7 +13,9 @@ class TensorBoardTracker(Tracker):
     def __init__(self, settings: DictConfig, run: TrackedRun):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run.job_dir(settings.save_dir, "tensorboard")))
+        # purge_step=0: a rerun of the job (a resumed one relogs the steps before its checkpoint) marks a restart,
+        # so that TensorBoard hides the points an earlier attempt left in the same directory instead of doubling them.
+        self.writer = SummaryWriter(log_dir=str(run.job_dir(settings.save_dir, "tensorboard")), purge_step=0)
         self.hparams: dict[str, Scalar] = {}
         self.summary: dict[str, float] = {}
 
