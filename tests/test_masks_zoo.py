@@ -279,3 +279,16 @@ def test_the_sweep_report_compares_the_new_strategies(static_sweep):
         assert f"| mask/{strategy} |" in report.split("## Matched accuracy")[1], strategy
         assert f" {strategy}" in overlap, strategy
     assert overlap.count("| 0.5 |") == math.comb(len(STATIC), 2)
+
+
+def test_the_movement_score_of_a_bf16_model_is_taken_in_float32():
+    """W * dL/dW multiplied in bf16 would round every product to 8 bits, which ties distinct scores."""
+    from maskrun.masks.selection_pass import MovementScores
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(32, 32, generator=generator).to(torch.bfloat16))
+    grad = torch.randn(32, 32, generator=generator).to(torch.bfloat16)
+    movement = MovementScores({"w": weight})
+    (weight * grad).sum().backward()
+    movement.remove()
+    assert torch.equal(movement.scores["w"], -(weight.detach().float() * grad.float()))
