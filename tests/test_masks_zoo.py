@@ -292,3 +292,19 @@ def test_the_movement_score_of_a_bf16_model_is_taken_in_float32():
     (weight * grad).sum().backward()
     movement.remove()
     assert torch.equal(movement.scores["w"], -(weight.detach().float() * grad.float()))
+
+
+def test_the_selection_stage_key_holds_the_validation_settings_when_they_choose_the_recorded_epoch():
+    config = OmegaConf.load(CONF / "config.yaml")
+    config.dataset = OmegaConf.load(CONF / "dataset" / "rotten_tomatoes.yaml")
+    config.optimizer = OmegaConf.load(CONF / "optimizer" / "adamw.yaml")
+    config.mask = OmegaConf.load(CONF / "mask" / "lt_sft.yaml")
+
+    def key(**changes):
+        return stages.selection(OmegaConf.merge(config, changes), Path("pretrained-entry"))
+
+    assert key(finetune={"checkpoint_every": 5}) == key()  # how often it checkpoints changes nothing it computes
+    assert key(eval={"answer_pattern": "(.*)"}) == key()  # without early stopping validation chooses nothing
+    stopping = {"early_stopping_patience": 1}
+    for change in ({"answer_pattern": "The answer is: (.*)"}, {"max_new_tokens": 4}):
+        assert key(finetune=stopping, eval=change) != key(finetune=stopping), change
