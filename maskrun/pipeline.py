@@ -124,7 +124,7 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
         if moving:  # the run's mask: the entries frozen at every step
             frozen = moving.frozen_throughout()
             save_mask(frozen, run_dir / MASK_FILE)
-            metrics["mask"] |= mask_summary(cfg.mask, frozen, tied_share) | moving.record()
+            metrics["mask"] |= mask_summary(cfg.mask, frozen, tied_share) | moving.record(pretrained_dir / "model.safetensors")
         model = method.finish(model)
         metrics["artifacts"] |= method.artifacts()
         metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}
