@@ -97,7 +97,7 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
             lambda out: write_mask(build_mask(cfg.mask, params, mask_scores(), cfg.seed,
                                               neuron_axes(model, params)), out))
         shutil.copyfile(mask_dir / MASK_FILE, run_dir / MASK_FILE)
-        frozen, tied_share = load_file(run_dir / MASK_FILE), read_tied_share(mask_dir)
+        frozen, tied_share = load_file(run_dir / MASK_FILE), read_tied_share(mask_dir, cfg.mask.strategy)
         metrics["mask"] = mask_summary(cfg.mask, frozen, tied_share) | head_summary(model, pretrained_names(pretrained_dir))
 
     def method_scores(score: str) -> dict[str, torch.Tensor]:

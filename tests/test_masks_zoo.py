@@ -308,3 +308,14 @@ def test_the_selection_stage_key_holds_the_validation_settings_when_they_choose_
     stopping = {"early_stopping_patience": 1}
     for change in ({"answer_pattern": "The answer is: (.*)"}, {"max_new_tokens": 4}):
         assert key(finetune=stopping, eval=change) != key(finetune=stopping), change
+
+
+@pytest.mark.parametrize("strategy", ["lt_sft", "movement"])
+def test_a_tied_selection_pass_mask_is_told_the_remedies_of_its_own_scores(strategy):
+    """Calibration settings and mask.score do not change a selection pass's scores: the warning names the pass."""
+    from maskrun.masks import tied_share_warning
+
+    warning = tied_share_warning(0.2, strategy)
+    assert "mask.select_epochs" in warning and "calib" not in warning and "mask.score" not in warning
+    assert "mask.calib_batches" in tied_share_warning(0.2, "importance")
+    assert tied_share_warning(0.01, strategy) is None
