@@ -104,7 +104,7 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
                                               neuron_axes(model, params)), out))
         if processes.is_main:
             shutil.copyfile(mask_dir / MASK_FILE, run_dir / MASK_FILE)
-        frozen, tied_share = load_file(mask_dir / MASK_FILE), read_tied_share(mask_dir)
+        frozen, tied_share = load_file(mask_dir / MASK_FILE), read_tied_share(mask_dir, cfg.mask.strategy)
         metrics["mask"] = mask_summary(cfg.mask, frozen, tied_share) | head_summary(model, pretrained_names(pretrained_dir))
 
     def method_scores(score: str) -> dict[str, torch.Tensor]:
@@ -136,7 +136,7 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
         if moving:  # the run's mask: the entries frozen at every step
             frozen = moving.frozen_throughout()
             save_mask(frozen, run_dir / MASK_FILE)
-            metrics["mask"] |= mask_summary(cfg.mask, frozen, tied_share) | moving.record()
+            metrics["mask"] |= mask_summary(cfg.mask, frozen, tied_share) | moving.record(pretrained_dir / "model.safetensors")
         model = method.finish(model)
         metrics["artifacts"] |= method.artifacts()
         metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}

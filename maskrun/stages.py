@@ -26,6 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 import maskrun
 
 PACKAGE_ROOT = Path(maskrun.__file__).resolve().parent
+# The eval settings a task's validation result depends on (maskrun.tasks): its batches, and an instruction task's
+# generation and answer matching.
+VALIDATION_SETTINGS = ("batch_size", "max_new_tokens", "answer_pattern")
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scikit-learn", "pandas", "peft")
 
 # The modules each stage runs (the pipeline passes them the corpus and the task, so the data
@@ -105,10 +108,16 @@ def scores(cfg, mcfg, pretrained_dir: Path) -> dict:
 
 def selection(cfg, pretrained_dir: Path) -> dict:
     """The fine-tuning pass lt_sft and movement choose from: everything that shapes its training, and its length.
-    It records the scores of both strategies, so a sweep over the two fine-tunes once."""
+    It records the scores of both strategies, so a sweep over the two fine-tunes once. Under early stopping the
+    validation results choose the epoch whose weights the pass records, so the settings they are computed with
+    count too."""
+    declared = {}
+    if cfg.finetune.early_stopping_patience is not None:
+        declared["validation"] = {key: cfg.eval.get(key) for key in VALIDATION_SETTINGS}
     return stage_inputs("selection", pretrained=Path(pretrained_dir).name, task=task(cfg.dataset),
-                        finetune=plain(cfg.finetune), optimizer=plain(cfg.optimizer),
-                        select_epochs=cfg.mask.select_epochs, select_steps=cfg.mask.select_steps, seed=cfg.seed)
+                        finetune=training(cfg.finetune), optimizer=plain(cfg.optimizer),
+                        select_epochs=cfg.mask.select_epochs, select_steps=cfg.mask.select_steps, seed=cfg.seed,
+                        **declared)
 
 
 def mask(cfg, pretrained_dir: Path, scores_dir: Path | None) -> dict:

@@ -252,3 +252,26 @@ def test_a_run_under_a_moving_mask_resumed_from_a_checkpoint_ends_bit_identical(
     assert moving.record() == expected.record()
     for (name, param), (_, reference) in zip(resumed.named_parameters(), uninterrupted.named_parameters(), strict=True):
         assert torch.equal(param, reference), f"{name} differs from the uninterrupted run's"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_moving_mask_keeps_no_copy_of_the_weights(strategy, tokenizer):
+    """The pretrained weights are on disk: what the mask holds beside the model's own parameters is at most its
+    one-bool-per-entry record of what ever trained, never a copy of the weights."""
+    model = tiny_model(tokenizer)
+    moving = moving_mask(mask_cfg(strategy), model, backbone(model), seed=0)
+
+    def tensors(value):
+        if torch.is_tensor(value):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from tensors(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from tensors(item)
+
+    held = [t for key, value in vars(moving).items() if key != "params" for t in tensors(value)]
+    assert not any(t.is_floating_point() for t in held)
+    eligible = sum(p.numel() for p in moving.params.values())
+    assert sum(t.numel() * t.element_size() for t in held) <= eligible

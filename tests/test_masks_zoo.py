@@ -279,3 +279,43 @@ def test_the_sweep_report_compares_the_new_strategies(static_sweep):
         assert f"| mask/{strategy} |" in report.split("## Matched accuracy")[1], strategy
         assert f" {strategy}" in overlap, strategy
     assert overlap.count("| 0.5 |") == math.comb(len(STATIC), 2)
+
+
+def test_the_movement_score_of_a_bf16_model_is_taken_in_float32():
+    """W * dL/dW multiplied in bf16 would round every product to 8 bits, which ties distinct scores."""
+    from maskrun.masks.selection_pass import MovementScores
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(32, 32, generator=generator).to(torch.bfloat16))
+    grad = torch.randn(32, 32, generator=generator).to(torch.bfloat16)
+    movement = MovementScores({"w": weight})
+    (weight * grad).sum().backward()
+    movement.remove()
+    assert torch.equal(movement.scores["w"], -(weight.detach().float() * grad.float()))
+
+
+def test_the_selection_stage_key_holds_the_validation_settings_when_they_choose_the_recorded_epoch():
+    config = OmegaConf.load(CONF / "config.yaml")
+    config.dataset = OmegaConf.load(CONF / "dataset" / "rotten_tomatoes.yaml")
+    config.optimizer = OmegaConf.load(CONF / "optimizer" / "adamw.yaml")
+    config.mask = OmegaConf.load(CONF / "mask" / "lt_sft.yaml")
+
+    def key(**changes):
+        return stages.selection(OmegaConf.merge(config, changes), Path("pretrained-entry"))
+
+    assert key(finetune={"checkpoint_every": 5}) == key()  # how often it checkpoints changes nothing it computes
+    assert key(eval={"answer_pattern": "(.*)"}) == key()  # without early stopping validation chooses nothing
+    stopping = {"early_stopping_patience": 1}
+    for change in ({"answer_pattern": "The answer is: (.*)"}, {"max_new_tokens": 4}):
+        assert key(finetune=stopping, eval=change) != key(finetune=stopping), change
+
+
+@pytest.mark.parametrize("strategy", ["lt_sft", "movement"])
+def test_a_tied_selection_pass_mask_is_told_the_remedies_of_its_own_scores(strategy):
+    """Calibration settings and mask.score do not change a selection pass's scores: the warning names the pass."""
+    from maskrun.masks import tied_share_warning
+
+    warning = tied_share_warning(0.2, strategy)
+    assert "mask.select_epochs" in warning and "calib" not in warning and "mask.score" not in warning
+    assert "mask.calib_batches" in tied_share_warning(0.2, "importance")
+    assert tied_share_warning(0.01, strategy) is None

@@ -172,6 +172,24 @@ def test_plots_place_settings_at_the_realized_share_labelled_with_the_requested_
     plt.close(fig)
 
 
+def test_plots_place_a_moving_mask_at_the_share_it_froze_per_step(tmp_path):
+    """child_tuning freezes mask.ratio of its entries at each step and next to none at every step (ratio_actual ~ 0):
+    its points sit at step_frozen_share, a static mask's at ratio_actual."""
+    jobs = []
+    for ratio, per_step in ((0.3, 0.302), (0.7, 0.698)):
+        child = ok_metrics("child_tuning", ratio, 0, Result(0.7, 0.7, 0.2, 0.2, 0.0))
+        child["mask"]["step_frozen_share"] = per_step
+        jobs += [child, ok_metrics("random", ratio, 0, Result(0.7, 0.7, 0.2, 0.2, ratio))]
+    table = aggregate(summary_table(write_sweep(tmp_path, jobs))).set_index(["mask.strategy", "mask.ratio"])
+    assert table.loc[("child_tuning", 0.3), "mask.ratio_actual mean"] == 0.302
+    assert table.loc[("child_tuning", 0.7), "mask.ratio_actual mean"] == 0.698
+    assert table.loc[("random", 0.7), "mask.ratio_actual mean"] == 0.7
+    fig, ax = plt.subplots()
+    draw_metric_vs_share(ax, table.reset_index(), "task.test.accuracy")
+    assert [list(c.lines[0].get_xdata()) for c in ax.containers] == [[0.302, 0.698], [0.3, 0.7]]
+    plt.close(fig)
+
+
 def test_other_swept_settings_get_their_own_rows(sweep_dir):
     metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
     metrics["overrides"].append("finetune.lr=0.1")

@@ -127,26 +127,31 @@ def write_mask(selection: Selection, out_dir: Path) -> None:
     (Path(out_dir) / MASK_INFO_FILE).write_text(json.dumps({"tied_share": selection.tied_share}))
 
 
-def read_tied_share(entry: Path) -> float:
+def read_tied_share(entry: Path, strategy: str | None = None) -> float:
     """The tied share of the mask in a `mask` entry, logged when high."""
     tied_share = json.loads((Path(entry) / MASK_INFO_FILE).read_text())["tied_share"]
-    warn_if_tied(tied_share)
+    warn_if_tied(tied_share, strategy)
     return tied_share
 
 
-def tied_share_warning(tied_share: float | None) -> str | None:
-    """What a run says when too much of its mask was chosen among exactly tied scores; None when it is fine."""
+def tied_share_warning(tied_share: float | None, strategy: str | None = None) -> str | None:
+    """What a run says when too much of its mask was chosen among exactly tied scores; None when it is fine.
+    The remedies named are those of the strategy's scores: a selection pass's (lt_sft, movement) or calibration's."""
     if tied_share is None or tied_share <= TIED_SHARE_WARNING:
         return None
-    return (f"{tied_share:.1%} of the frozen entries were chosen at random among exactly tied scores "
-            f"(more than {TIED_SHARE_WARNING:.0%}), so the mask there reflects the seed, not importance. Such ties are "
-            f"mostly entries the calibration data never reach (unused tokens and positions have a zero gradient); "
-            f"raise mask.ratio past them, leave them out with mask.exclude, calibrate on more data "
-            f"(mask.calib_batches=null: the whole training split), or use mask.score=magnitude")
+    message = (f"{tied_share:.1%} of the frozen entries were chosen at random among exactly tied scores "
+               f"(more than {TIED_SHARE_WARNING:.0%}), so the mask there reflects the seed, not importance. ")
+    if strategy in STRATEGIES and hasattr(STRATEGIES[strategy], "SELECTION_RECORD"):
+        return message + ("Such ties are mostly entries the selection pass never moves (unused tokens and positions "
+                          "have a zero gradient); raise mask.ratio past them, leave them out with mask.exclude, or "
+                          "lengthen the pass (mask.select_epochs, mask.select_steps=null)")
+    return message + ("Such ties are mostly entries the calibration data never reach (unused tokens and positions "
+                      "have a zero gradient); raise mask.ratio past them, leave them out with mask.exclude, calibrate "
+                      "on more data (mask.calib_batches=null: the whole training split), or use mask.score=magnitude")
 
 
-def warn_if_tied(tied_share: float) -> None:
-    message = tied_share_warning(tied_share)
+def warn_if_tied(tied_share: float, strategy: str | None = None) -> None:
+    message = tied_share_warning(tied_share, strategy)
     if message:
         log.warning(message)
 

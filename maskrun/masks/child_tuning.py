@@ -87,8 +87,8 @@ class ChildTuning(MovingMask):
                         t.masked_fill_(frozen, 0)
         self.saved_values, self.saved_state = {}, {}
 
-    def record(self) -> dict:
-        return super().record() | {"rescale": self.rescale}
+    def record(self, pretrained_file=None) -> dict:
+        return super().record(pretrained_file) | {"rescale": self.rescale}
 
 
 def entry_state(param: torch.Tensor, optimizer) -> dict[str, torch.Tensor]:

@@ -8,14 +8,17 @@ decay, no momentum), and optimizer state exists only for what can train.
 After the run, `mask.safetensors` holds the entries frozen at every step (hence bit-identical to the pretrained
 ones, as for a static mask), so `ratio_actual` is the share frozen throughout; `step_frozen_share` is the mean
 share frozen per step (what `mask.ratio` asks of a moving mask), `ever_trainable_share` the share trainable at one
-step at least, and `moved_share` the share the fine-tuned model holds at a value other than the pretrained one.
+step at least, and `moved_share` the share the fine-tuned model holds at a value other than the pretrained one
+(read from the pretrained checkpoint one tensor at a time: the mask keeps no copy of the weights).
 """
 
 import re
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from safetensors import safe_open
 
 from maskrun.errors import ConfigError
 
@@ -29,7 +32,6 @@ class MovingMask(ABC):
 
     def __init__(self, model: torch.nn.Module, names):
         self.params = {name: param for name, param in model.named_parameters() if name in names}
-        self.pretrained = {name: param.detach().to("cpu", copy=True) for name, param in self.params.items()}
         self.ever_trainable = {name: torch.zeros(p.shape, dtype=torch.bool, device=p.device)
                                for name, p in self.params.items()}
         self.frozen_per_step: list[int] = []
@@ -65,18 +67,23 @@ class MovingMask(ABC):
         """The entries frozen at every step: the run's mask.safetensors."""
         return {name: (~trained).cpu() for name, trained in self.ever_trainable.items()}
 
-    def record(self) -> dict:
-        """What metrics.json `mask` adds for a moving mask (beside mask_summary of `frozen_throughout`)."""
+    def record(self, pretrained_file: Path | None = None) -> dict:
+        """What metrics.json `mask` adds for a moving mask (beside mask_summary of `frozen_throughout`);
+        `moved_share` when given the pretrained checkpoint's weights file."""
         eligible = sum(p.numel() for p in self.params.values())
         steps = len(self.frozen_per_step)
-        moved = sum(int((p.detach().cpu() != self.pretrained[name]).sum()) for name, p in self.params.items())
         trainable = sum(int(t.sum()) for t in self.ever_trainable.values())
-        return {
+        record = {
             "steps": steps,
             "step_frozen_share": sum(self.frozen_per_step) / (steps * eligible) if steps and eligible else 0.0,
             "ever_trainable_share": trainable / eligible if eligible else 0.0,
-            "moved_share": moved / eligible if eligible else 0.0,
         }
+        if pretrained_file is not None:
+            with safe_open(pretrained_file, framework="pt") as f:
+                moved = sum(int((p.detach().cpu() != f.get_tensor(name).to(p.dtype)).sum())
+                            for name, p in self.params.items())
+            record["moved_share"] = moved / eligible if eligible else 0.0
+        return record
 
 
 def state_of(param: torch.Tensor, optimizer) -> dict:

@@ -92,8 +92,8 @@ class Lisa(MovingMask):
         self.active_now, self.draws = list(state["active_now"]), list(state["draws"])
         self.activate()
 
-    def record(self) -> dict:
-        return super().record() | {
+    def record(self, pretrained_file=None) -> dict:
+        return super().record(pretrained_file) | {
             "layers": len(self.layers),
             "active_layers": self.active,
             "interval": self.interval,

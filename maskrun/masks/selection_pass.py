@@ -47,7 +47,8 @@ class MovementScores:
 
     def accumulate(self, name: str, param: torch.nn.Parameter):
         def hook(grad: torch.Tensor) -> None:
-            self.scores[name] -= (param.detach() * grad).float()
+            # The product in float32: in a bf16 model's own dtype it would keep 8 bits, and tie many scores.
+            self.scores[name] -= param.detach().float() * grad.float()
         return hook
 
     def remove(self) -> None:

@@ -3,7 +3,7 @@ maskrun.report.task_metric) and what it saves in forgetting, and how every metho
 
 In the plots against the frozen share, each mask setting sits at the share of entries its masks
 actually froze (whole layers or whole tensors can realize much less or more than the requested
-ratio), labelled with the requested ratio. Elsewhere points are labelled with their method's dial
+ratio; a mask that moves while training, at the share it froze per step), labelled with the requested ratio. Elsewhere points are labelled with their method's dial
 value (a mask's dial is its requested ratio).
 """
 

@@ -164,7 +164,7 @@ def write_run_report(run_dir: Path, metrics: dict) -> None:
     if mask:
         lines += ["", "## Mask", "", f"{mask['frozen']:,} of {mask['eligible']:,} eligible entries frozen "
                   f"(ratio {fmt(mask['ratio_actual'])}, requested {fmt(mask['ratio'], 2)}); {mask['trainable']:,} trainable."]
-        warning = tied_share_warning(mask.get("tied_share"))
+        warning = tied_share_warning(mask.get("tied_share"), mask.get("strategy"))
         if warning:
             lines += ["", f"**Warning:** {warning}."]
         if (run_dir / "mask.safetensors").exists():

@@ -39,7 +39,10 @@ CHOOSING = ("Settings are chosen on validation metrics: the best setting has the
             "the Pareto fronts are drawn on validation {metric} and validation forgetting, and methods are matched "
             "at validation {metric}. Test metrics are reported beside them and never used to choose.")
 RATIOS = ("`ratio` is the requested `mask.ratio`, `realized` the share of eligible entries actually frozen "
-          "(`mask.ratio_actual`, mean over seeds); the plots place each setting at its realized share.")
+          "(`mask.ratio_actual`; for a mask that moves while training, such as child_tuning or lisa, the mean share "
+          "frozen per step, `mask.step_frozen_share`; mean over seeds); the plots place each setting at its realized "
+          "share.")
+STEP_FROZEN = "mask.step_frozen_share"  # a moving mask's realized share (maskrun.masks.dynamic)
 
 
 def is_sweep_dir(path: Path) -> bool:
@@ -147,6 +150,10 @@ def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
     metrics = task_metrics(summary).values()
     columns = [REALIZED, *dict.fromkeys(name for metric in metrics for name in metric_columns(metric))]  # once each
     values = ok[SETTING].join(ok.reindex(columns=columns).apply(pd.to_numeric, errors="coerce"))  # null: NaN
+    # A mask that moves freezes mask.ratio of its entries at each step, and next to none at every step: its share is
+    # the one it froze per step.
+    per_step = pd.to_numeric(column(ok, STEP_FROZEN), errors="coerce")
+    values[REALIZED] = per_step.where(per_step.notna(), values[REALIZED])
     groups = values.groupby(SETTING, dropna=False)[columns]
     table = groups.agg(["mean", "std"])
     table.columns = [f"{metric} {stat}" for metric, stat in table.columns]
