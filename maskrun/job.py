@@ -111,7 +111,8 @@ def run_job(cfg: DictConfig) -> str:
 
 def compute(cfg: DictConfig, cache: Cache, run_dir: Path, metrics: dict, result_dir: Path, trackers: Trackers) -> None:
     """Runs the pipeline into run_dir and records metrics.json; an ok run's results go to result_dir too."""
-    from maskrun import checkpoint, distributed, pipeline  # torch and transformers: not needed to reuse a finished job
+    from maskrun import checkpoint, pipeline  # torch and transformers: not needed to reuse a finished job
+    from maskrun.launch import launch
     from maskrun.loggers.curves import replay
 
     with gpu_lease(str(cfg.device), cfg.devices) as gpu:  # before any CUDA call
@@ -121,7 +122,7 @@ def compute(cfg: DictConfig, cache: Cache, run_dir: Path, metrics: dict, result_
             trackers.start()  # a tracker that cannot open fails the job, before its work
             with preemption.handled():
                 if cfg.devices > 1:
-                    distributed.launch(cfg, run_dir, metrics)  # the pipeline in cfg.devices worker processes
+                    launch(cfg, run_dir, metrics)  # the pipeline in cfg.devices worker processes
                     replay(trackers, json.loads((run_dir / "history.json").read_text()))
                 else:
                     pipeline.run(cfg, cache, run_dir, metrics, trackers)
