@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from transformers import BertConfig, BertForMaskedLM
 
 from conftest import assert_frozen_entries_exact, load_metrics, maskrun, run_dirs, task_of
 from maskrun import stages
@@ -24,27 +24,10 @@ from maskrun.masks.selection_pass import StepLimitReached, StopAfter, run_select
 from maskrun.masks.spectrum import signal_to_noise
 from maskrun.models import pretrained_names
 from maskrun.validate import check_mask, check_selection_pass
+from test_masks import TINY, mask_cfg, model, params  # noqa: F401 (model, params: fixtures)
 
-CONF = Path(str(files("maskrun.conf")))
 STATIC = ("lt_sft", "movement", "spectrum", "hft")
-TINY = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                  max_position_embeddings=32)
-
-
-def mask_cfg(strategy: str, **overrides):
-    return OmegaConf.merge(OmegaConf.load(CONF / "mask" / f"{strategy}.yaml"), overrides)
-
-
-@pytest.fixture(scope="module")
-def model() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    return BertForSequenceClassification(TINY)
-
-
-@pytest.fixture(scope="module")
-def params(model) -> dict[str, torch.Tensor]:
-    """The backbone of a tiny BERT classifier: every parameter but the new head."""
-    return {n: p.detach() for n, p in model.named_parameters() if not n.startswith(("classifier", "bert.pooler"))}
+CONF = Path(str(files("maskrun.conf")))
 
 
 def build(model, params, mcfg, scores=None, seed=0):
