@@ -19,19 +19,30 @@ runs the whole pipeline:
 A worker that dies fails the whole job: the launcher stops the others and raises ChildFailedError, which the
 job records as status failed (WorkerFailed: the rank and its error). Cache entries appear only by an atomic
 rename, so nothing is half-written.
+
+A preemption signal (SIGTERM, SIGUSR1) reaching the job is handled by the launcher, which passes it on to the workers
+and waits for them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default); each worker handles it as one process does
+(maskrun.preemption): every rank checkpoints at the end of the same step and stops. The job then records Preempted and
+passes the signal on, as a job of one process does.
 """
 
 import copy
 import os
+import signal
 import uuid
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from maskrun import preemption
+from maskrun.checkpoint import CHECKPOINT_DIR
 
 STRATEGIES = ("ddp", "fsdp")
 # The methods each strategy runs exactly (maskrun.validate refuses the others before any work).
@@ -49,10 +60,37 @@ def launch(cfg: DictConfig, run_dir: Path, metrics: dict) -> None:
                           max_restarts=0, monitor_interval=0.1)
     settings = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     try:
-        results = elastic_launch(config, worker)(settings, str(run_dir), metrics)
+        with launcher_handles(preemption.SIGNALS):
+            results = elastic_launch(config, worker)(settings, str(run_dir), metrics)
     except ChildFailedError as err:
         raise WorkerFailed(err.name, err.failures) from None
+    except SignalException as err:
+        signum = signal.Signals(err.sigval)
+        if signum not in preemption.SIGNALS:
+            raise
+        steps = sorted(int(p.name.split("-")[1]) for p in (run_dir / CHECKPOINT_DIR).glob("step-*"))
+        raise preemption.noted(signum, f"{signum.name} received: passed on to the workers, which stopped "
+                                       + (f"with fine-tuning checkpointed at step {steps[-1]} in "
+                                          f"{run_dir / CHECKPOINT_DIR}" if steps else "before any checkpoint")
+                                       + "; rerun the same command to resume") from None
     metrics.update(results[0])
+
+
+@contextmanager
+def launcher_handles(signals):
+    """The elastic launcher in the job process handles `signals` too (its default: SIGTERM, SIGINT, SIGHUP, SIGQUIT):
+    it sends each to the workers, waits for them to end, and raises SignalException."""
+    key = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+    before = os.environ.get(key)
+    handled = [name.strip() for name in (before or "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")]
+    os.environ[key] = ",".join(handled + [s.name for s in signals if s.name not in handled])
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
 
 
 class WorkerFailed(ChildFailedError):
@@ -77,7 +115,8 @@ def worker(settings: dict, run_dir: str, metrics: dict) -> dict | None:
     stage_group = dist.new_group(backend="gloo", timeout=STAGE_TIMEOUT)  # a CPU barrier, however long it waits
     cache = Cache(cfg.cache_dir)
     try:
-        pipeline.run(cfg, RankZeroFirst(cache, stage_group), Path(run_dir), metrics)
+        with preemption.handled():  # a signal the launcher passes on: every rank checkpoints the same step and stops
+            pipeline.run(cfg, RankZeroFirst(cache, stage_group), Path(run_dir), metrics)
     finally:
         cache.close()
         dist.destroy_process_group()
