@@ -106,6 +106,7 @@ def worker(settings: dict, run_dir: str, metrics: dict) -> dict | None:
     from maskrun import pipeline
     from maskrun.cache import Cache
     from maskrun.devices import resolve_device
+    from maskrun.job import peak_memory
 
     cfg = OmegaConf.create(settings)
     cuda = resolve_device(cfg.device).type == "cuda"
@@ -117,6 +118,14 @@ def worker(settings: dict, run_dir: str, metrics: dict) -> dict | None:
     try:
         with preemption.handled():  # a signal the launcher passes on: every rank checkpoints the same step and stops
             pipeline.run(cfg, RankZeroFirst(cache, stage_group), Path(run_dir), metrics)
+        # The job process holds no model: what the job's memory is, is the ranks'. (The ranks past fine-tuning wait
+        # here for rank 0's evaluation, on the CPU barrier's group, however long it takes.)
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, peak_memory(), group=stage_group)
+        if int(os.environ["RANK"]) == 0:
+            metrics.setdefault("memory", {}).update(
+                {key: max((r[key] for r in ranks if r[key] is not None), default=None) for key in ranks[0]},
+                peak_by_rank=ranks)
     finally:
         cache.close()
         dist.destroy_process_group()

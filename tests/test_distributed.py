@@ -57,6 +57,10 @@ def test_two_processes_fine_tune_as_one(tmp_path, cache_dir, one_process, strate
     finetuned = assert_same_weights(run_dir, one_process)
     pretrained = load_file(f"{metrics['artifacts']['pretrained']}/model.safetensors")
     assert any(not torch.equal(finetuned[name], pretrained[name]) for name in pretrained), "nothing was fine-tuned"
+    # the job process holds no model: its memory figures are the ranks' (the largest), not the launcher's
+    ranks = metrics["memory"]["peak_by_rank"]
+    assert len(ranks) == 2 and metrics["memory"]["peak_rss_mb"] >= max(r["peak_rss_mb"] for r in ranks)
+    assert "peak_by_rank" not in single["memory"]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
