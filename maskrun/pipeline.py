@@ -140,6 +140,9 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
         model = method.finish(model)
         metrics["artifacts"] |= method.artifacts()
         metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}
+        if moving:  # what a moving mask keeps resident while training counts too
+            metrics["memory"]["moving_mask_bytes"] = moving_mask_bytes(moving)
+            metrics["memory"]["optimizer_state_bytes"] += metrics["memory"]["moving_mask_bytes"]
         (run_dir / "history.json").write_text(json.dumps(history))
 
     with stage_timer(timing, "evaluate"):
@@ -168,6 +171,13 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
         with stage_timer(timing, "sequential"):
             metrics["sequential"] = fine_tune_next(model, task, load_file(run_dir / MASK_FILE), tied_share,
                                                    pretrained_dir, cfg, device, run_dir)
+
+
+def moving_mask_bytes(moving) -> int:
+    """What a moving mask (maskrun.masks.dynamic) keeps resident through fine-tuning beside the optimizer's state:
+    its copy of the pretrained entries and its record of the entries trained so far."""
+    return sum(t.numel() * t.element_size() for kept in (moving.pretrained, moving.ever_trainable)
+               for t in kept.values())
 
 
 @contextmanager

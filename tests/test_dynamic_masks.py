@@ -214,6 +214,9 @@ def test_a_run_records_what_its_moving_mask_froze_and_moved(strategy, overrides,
     assert mask["ratio_actual"] == mask["frozen"] / mask["eligible"] == sum(int(m.sum()) for m in masks.values()) / mask["eligible"]
     assert mask["ever_trainable_share"] == pytest.approx(1 - mask["ratio_actual"])
     assert 0 < mask["moved_share"] <= mask["ever_trainable_share"]
+    # its copy of the pretrained entries (fp32) and its record of what trained (bool) are resident while training
+    memory = metrics["memory"]
+    assert memory["moving_mask_bytes"] == 5 * mask["eligible"] < memory["optimizer_state_bytes"]
     if strategy == "child_tuning":
         assert abs(mask["step_frozen_share"] - 0.5) < 0.01 and mask["ratio_actual"] == 0.0
     else:
