@@ -19,6 +19,11 @@ runs the whole pipeline:
 A worker that dies fails the whole job: the launcher stops the others and raises ChildFailedError, which the
 job records as status failed (WorkerFailed: the rank and its error). Cache entries appear only by an atomic
 rename, so nothing is half-written.
+
+A preemption signal (SIGTERM, SIGUSR1) reaching the job is handled by the launcher, which passes it on to the workers
+and waits for them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default); each worker handles it as one process does
+(maskrun.preemption): every rank checkpoints at the end of the same step and stops. The job then records Preempted and
+passes the signal on, as a job of one process does.
 """
 
 import copy

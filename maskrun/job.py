@@ -133,7 +133,9 @@ def compute(cfg: DictConfig, cache: Cache, run_dir: Path, metrics: dict, result_
             metrics["status"] = "failed"
             metrics["error"] = f"{type(err).__name__}: {' '.join(str(err).split())}"
         metrics["timing"]["total_s"] = round(time.perf_counter() - start, 3)
-        metrics["memory"].update(peak_memory())
+        for key, value in peak_memory().items():  # with worker processes: the largest of theirs and the job's
+            known = [v for v in (value, metrics["memory"].get(key)) if v is not None]
+            metrics["memory"][key] = max(known) if known else None
         metrics["lease"]["end"] = time.time()
         write_metrics(run_dir, metrics)
     if metrics["status"] != "ok":

@@ -140,6 +140,9 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
         model = method.finish(model)
         metrics["artifacts"] |= method.artifacts()
         metrics["memory"] = {"optimizer_state_bytes": history.pop("optimizer_state_bytes")}
+        if moving:  # what a moving mask keeps resident while training counts too
+            metrics["memory"]["moving_mask_bytes"] = moving.resident_bytes()
+            metrics["memory"]["optimizer_state_bytes"] += metrics["memory"]["moving_mask_bytes"]
         (run_dir / "history.json").write_text(json.dumps(history))
 
     with stage_timer(timing, "evaluate"):

@@ -56,6 +56,12 @@ def handled():
             signal.signal(signum, handler)
 
 
+def noted(signum: signal.Signals, message: str) -> Preempted:
+    """A signal that something else handled for the job (the launcher of its worker processes), noted as received."""
+    _listener.received = signum
+    return Preempted(message)
+
+
 def pass_on(signum: signal.Signals) -> None:
     """After the job: the signal goes to the handler that was there before it (restored by `handled`)."""
     signal.raise_signal(signum)

@@ -57,6 +57,10 @@ def test_two_processes_fine_tune_as_one(tmp_path, cache_dir, one_process, strate
     finetuned = assert_same_weights(run_dir, one_process)
     pretrained = load_file(f"{metrics['artifacts']['pretrained']}/model.safetensors")
     assert any(not torch.equal(finetuned[name], pretrained[name]) for name in pretrained), "nothing was fine-tuned"
+    # the job process holds no model: its memory figures are the ranks' (the largest), not the launcher's
+    ranks = metrics["memory"]["peak_by_rank"]
+    assert len(ranks) == 2 and metrics["memory"]["peak_rss_mb"] >= max(r["peak_rss_mb"] for r in ranks)
+    assert "peak_by_rank" not in single["memory"]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -133,6 +137,33 @@ def test_a_rank_that_dies_fails_the_job_and_publishes_nothing_half_written(tmp_p
     entries = [p for p in (tmp_path / "cache").glob("*/*") if p.is_dir() and not p.name.startswith(".")]
     assert sorted(p.parent.name for p in entries) == ["mask", "pretrain", "scores", "tokenizer"]  # no result
     assert all(entry_problem(p) is None for p in entries)
+
+
+def test_sigterm_to_a_job_of_two_processes_checkpoints_both_ranks_and_the_rerun_resumes(tmp_path):
+    # The launcher handles SIGTERM in the job process: it must reach the workers as a preemption, not kill them.
+    args = [*SMOKE, "devices=2", "finetune.epochs=10", "finetune.checkpoint_every=10",
+            f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    job = subprocess.Popen(MASKRUN + args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    checkpoints = tmp_path / "run" / "checkpoint"
+    deadline = time.time() + 300
+    while not (checkpoints / "step-10").is_dir():
+        assert job.poll() is None and time.time() < deadline, job.communicate()
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=300)
+    stopped = load_metrics(tmp_path / "run")
+    assert job.returncode == -signal.SIGTERM, stderr  # passed on to the default handler, as one process does
+    assert stopped["status"] == "failed" and stopped["error"].startswith("Preempted: SIGTERM received"), stopped["error"]
+    (checkpoint,) = checkpoints.iterdir()
+    step = int(checkpoint.name[len("step-"):])
+    assert step > 10, "the workers were killed instead of checkpointing the step they were in"
+    assert f"checkpointed at step {step}" in stopped["error"]
+
+    maskrun(args, tmp_path)
+    resumed = load_metrics(tmp_path / "run")
+    assert resumed["status"] == "ok" and resumed["finetune"]["resumed_from_step"] == step
 
 
 @pytest.mark.parametrize("overrides, refused", [

@@ -214,6 +214,9 @@ def test_a_run_records_what_its_moving_mask_froze_and_moved(strategy, overrides,
     assert mask["ratio_actual"] == mask["frozen"] / mask["eligible"] == sum(int(m.sum()) for m in masks.values()) / mask["eligible"]
     assert mask["ever_trainable_share"] == pytest.approx(1 - mask["ratio_actual"])
     assert 0 < mask["moved_share"] <= mask["ever_trainable_share"]
+    # its record of what trained (a bool per entry) is resident while training, and counted
+    memory = metrics["memory"]
+    assert memory["moving_mask_bytes"] == mask["eligible"] < memory["optimizer_state_bytes"]
     if strategy == "child_tuning":
         assert abs(mask["step_frozen_share"] - 0.5) < 0.01 and mask["ratio_actual"] == 0.0
     else:

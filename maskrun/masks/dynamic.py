@@ -63,6 +63,10 @@ class MovingMask(ABC):
         self.ever_trainable = {name: t.to(self.params[name].device) for name, t in state["ever_trainable"].items()}
         self.frozen_per_step = list(state["frozen_per_step"])
 
+    def resident_bytes(self) -> int:
+        """What it keeps through fine-tuning beside the optimizer's state: its record of the entries trained so far."""
+        return sum(t.numel() * t.element_size() for t in self.ever_trainable.values())
+
     def frozen_throughout(self) -> dict[str, torch.Tensor]:
         """The entries frozen at every step: the run's mask.safetensors."""
         return {name: (~trained).cpu() for name, trained in self.ever_trainable.items()}
