@@ -24,7 +24,6 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from maskrun import distributed
 from maskrun.data.corpus import check_corpus, load_corpus
 from maskrun.data.packaged import packaged_file
 from maskrun.data.tasks import check_task, load_task, task_type
@@ -354,8 +353,6 @@ def check_model_source(name_or_path: str) -> None:
 
 @functools.lru_cache(maxsize=None)  # the jobs of a sweep share their model
 def check_mask_selects(model_yaml: str, pretrain_yaml: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
-    from maskrun.masks import selected
-
     names = list(backbone_shapes(model_yaml, pretrain_yaml))
     if not any(selected(name, include, exclude) for name in names):
         raise ConfigError(f"mask.include={list(include) or None} and mask.exclude={list(exclude) or None} "
@@ -450,7 +447,6 @@ def check_mask_file(model_yaml: str, pretrain_yaml: str, mask_yaml: str) -> None
     """The file's tensors are the eligible parameters, one bool per entry."""
     from safetensors import SafetensorError
 
-    from maskrun.masks import selected
     from maskrun.masks.file import file_layout, mismatches
 
     mask = OmegaConf.create(mask_yaml)
@@ -631,6 +627,8 @@ def check_device(device: str) -> None:
 
 def check_processes(cfg: DictConfig) -> None:
     """`devices=N strategy=...`: what several processes cannot yet run exactly is refused, naming the combination."""
+    from maskrun import distributed  # torch.distributed: only for the jobs that name it
+
     positive_int(cfg.devices, "devices")
     one_of(cfg.strategy, distributed.STRATEGIES, "strategy")
     if cfg.devices == 1:

@@ -10,12 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForMaskedLM
 
 from conftest import assert_frozen_entries_exact, load_metrics, maskrun, run_dirs, task_of
 from maskrun import stages
-from maskrun.data.tasks import Split, TaskData
-from maskrun.data.tokenizer import train_tokenizer
 from maskrun.errors import ConfigError
 from maskrun.finetune import finetune
 from maskrun.masks import build_mask, neuron_axes, selected
@@ -24,7 +21,7 @@ from maskrun.masks.selection_pass import StepLimitReached, StopAfter, run_select
 from maskrun.masks.spectrum import signal_to_noise
 from maskrun.models import pretrained_names
 from maskrun.validate import check_mask, check_selection_pass
-from test_masks import TINY, mask_cfg, model, params  # noqa: F401 (model, params: fixtures)
+from test_masks import TINY, mask_cfg, model, params, tiny_checkpoint  # noqa: F401 (fixtures)
 
 STATIC = ("lt_sft", "movement", "spectrum", "hft")
 CONF = Path(str(files("maskrun.conf")))
@@ -156,27 +153,11 @@ def test_what_a_selection_pass_cannot_do_is_refused(strategy, overrides, refused
         check_selection_pass(cfg)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny pretrained checkpoint (random MLM model, trained tokenizer) and a small labelled task."""
-    out = tmp_path_factory.mktemp("checkpoint")
-    words = "good bad film movie great awful plot actor boring fun scene story slow clever".split()
-    texts = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(3 + i % 5)) for i in range(48)]
-    train_tokenizer(texts, 60, out)
-    torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(**{**TINY.to_dict(), "vocab_size": 60})).save_pretrained(out)
-    labels = [int("good" in t or "great" in t) for t in texts]
-    data = TaskData("toy", "classification", ["neg", "pos"], Split(texts, labels), Split(texts[:8], labels[:8]),
-                    Split(texts[:8], labels[:8]))
-    from transformers import AutoTokenizer
-
-    return out, task_of(data, AutoTokenizer.from_pretrained(out))
-
-
-def test_one_sgd_step_records_its_move_and_its_movement_score(checkpoint):
+def test_one_sgd_step_records_its_move_and_its_movement_score(tiny_checkpoint):
     """With plain SGD and one step, W_1 = W_0 - lr * g: the pass records moved = |W_1 - W_0| and
     movement = -W_0 * g = W_0 * (W_1 - W_0) / lr, W_1 being the weights of the same first step taken here."""
-    pretrained, task = checkpoint
+    pretrained, data, tokenizer = tiny_checkpoint
+    task = task_of(data, tokenizer)
     config = OmegaConf.load(CONF / "config.yaml")
     fcfg = OmegaConf.merge(config.finetune, {"batch_size": 8, "max_length": 16, "scheduler": "constant",
                                              "warmup_ratio": 0.0, "max_grad_norm": None, "epochs": 1})
