@@ -566,6 +566,9 @@ def check_dataset(dataset: DictConfig) -> None:
     if dataset.get("train_size") is not None:
         positive_int(dataset.train_size, "dataset.train_size")
     non_negative_int(dataset.split_seed, "dataset.split_seed")
+    if dataset.get("chat_template", False) not in ("auto", False):
+        raise ConfigError(f"dataset.chat_template={dataset.chat_template!r} is not auto or false",
+                          "auto: prompts in the tokenizer's chat template when it has one; false: plain prompts")
     for key in ("corpus_max_texts", "max_examples"):
         if dataset[key] is not None:
             positive_int(dataset[key], f"dataset.{key}")

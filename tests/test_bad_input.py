@@ -96,6 +96,7 @@ BAD_COMMAND_LINES = [
     (["mask.include=['(']"], "is not a valid regex"),
     (["save_model=sometimes"], "save_model='sometimes'"),
     (["dataset.validation_fraction=0.5", "dataset.test_fraction=0.5"], "leave no training data"),
+    (["dataset=arithmetic", "dataset.chat_template=chatml"], "dataset.chat_template='chatml' is not auto or false"),
     (["-m", "--config-dir", "presets", "experiment=bad_sweep"], "mask.ratio=1.5 is not a number in [0, 1]"),
     (["--config-dir", "no_such_dir"], "--config-dir no_such_dir is not a directory"),
     (["pretrain.warmup_steps=-1"], "pretrain.warmup_steps=-1 must be a whole number >= 0"),

@@ -40,7 +40,8 @@ def decoder_dir(tmp_path_factory, tokenizer):
 
 def instruction_task(tokenizer, problems=PROBLEMS, max_length: int = 48):
     split = Split([p for p, _ in problems], responses=[r for _, r in problems])
-    data = TaskData(name="toy", label_names=[], train=split, validation=split, test=split, task_type="instruction")
+    data = TaskData(name="toy", label_names=[], train=split, validation=split, test=split, task_type="instruction",
+                    chat_template="auto")
     return task_of(data, tokenizer, max_length)
 
 
@@ -73,6 +74,42 @@ def test_a_long_prompt_loses_its_beginning_and_keeps_its_cue_and_the_response(to
     assert response[:-1] == tokenizer(PROBLEMS[0][1], add_special_tokens=False)["input_ids"]
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory, tokenizer):
+    """The toy tokenizer with the turn markers and chat template of an instruction-tuned checkpoint."""
+    out = tmp_path_factory.mktemp("chat_tokenizer")
+    tokenizer.save_pretrained(out)
+    chat = AutoTokenizer.from_pretrained(out)
+    chat.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chat.chat_template = CHATML
+    return chat
+
+
+def test_with_a_chat_template_the_prompt_is_the_user_turn_and_the_response_the_assistant_turn(chat_tokenizer):
+    task = instruction_task(chat_tokenizer, max_length=64)
+    encode = lambda text: chat_tokenizer(text, add_special_tokens=False)["input_ids"]
+    turn_end = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for (prompt, response), (text, answer) in zip(task.examples(task.data.train), PROBLEMS):
+        assert prompt == (encode("<|im_start|>user\n") + encode(text) + encode("<|im_end|>\n<|im_start|>assistant\n"))
+        assert response == encode(answer.strip()) + [turn_end]  # the turn starts the answer: no leading space
+    assert task.format.end == turn_end  # where generation stops
+
+
+def test_a_chat_template_is_used_only_when_asked_and_a_tokenizer_without_one_stays_plain(chat_tokenizer, tokenizer):
+    split = Split([p for p, _ in PROBLEMS], responses=[r for _, r in PROBLEMS])
+    plain = TaskData(name="toy", label_names=[], train=split, validation=split, test=split, task_type="instruction",
+                     chat_template=False)
+    start, end = boundary_ids(chat_tokenizer)
+    assert task_of(plain, chat_tokenizer, 48).format.before == [start]
+    assert task_of(plain, chat_tokenizer, 48).format.end == end
+    plain.chat_template = "auto"
+    assert task_of(plain, tokenizer, 48).format.before == [boundary_ids(tokenizer)[0]]
+
+
 def test_the_loss_is_the_mean_over_predicted_tokens(tokenizer, decoder_dir):
     task = instruction_task(tokenizer)
     model = task.load_model(decoder_dir).eval()
@@ -97,7 +134,22 @@ def test_exact_match_counts_generations_equal_to_the_response(tokenizer, decoder
     problems = [(p, f" {g} " if i % 2 else g + "x") for i, ((p, _), g) in enumerate(zip(PROBLEMS, generated))]
     result = instruction_task(tokenizer, problems).evaluate(model, "test", CPU)
     assert result["exact_match"] == 0.5 and result["prompts_cut"] == 0.0
-    assert set(result) == {"loss", "perplexity", "exact_match", "prompts_cut"}
+    assert set(result) == {"loss", "perplexity", "exact_match", "exact_match_before", "prompts_cut"}
+    assert result["exact_match_before"] is None  # nothing measured it before fine-tuning
+
+
+def test_exact_match_before_fine_tuning_is_measured_on_the_model_as_it_starts(tokenizer, decoder_dir):
+    task = instruction_task(tokenizer)
+    model = task.load_model(decoder_dir).eval()
+    generated = task.generate(model, [prompt for prompt, _ in task.examples(task.data.test)], CPU)
+    task = instruction_task(tokenizer, [(p, g) for (p, _), g in zip(PROBLEMS, generated)])
+    task.start(model, CPU)
+    torch.manual_seed(1)
+    with torch.no_grad():  # fine-tuning moved the model: its answers are no longer the references
+        for param in model.parameters():
+            param.add_(torch.randn_like(param))
+    result = task.evaluate(model, "test", CPU)
+    assert result["exact_match_before"] == 1.0 > result["exact_match"]
 
 
 def test_generation_reads_the_prompt_window_the_loss_reads_and_says_how_many_were_cut(tokenizer, decoder_dir):

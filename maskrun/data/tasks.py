@@ -50,6 +50,7 @@ class TaskData:
     validation: Split
     test: Split
     split_sizes: dict = field(default_factory=dict)
+    chat_template: str | bool = False  # instruction: "auto" formats prompts in the tokenizer's chat template if it has one
 
     @property
     def num_labels(self) -> int:
@@ -301,4 +302,5 @@ def load_task(dcfg, seed: int) -> TaskData:
         validation=validation,
         test=test,
         split_sizes={"train": len(train), "validation": len(validation), "test": len(test), "duplicates_dropped": duplicates},
+        chat_template=dcfg.get("chat_template", False),
     )
