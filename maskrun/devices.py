@@ -1,4 +1,4 @@
-"""Device choice, and GPU leases: `devices` GPUs per job (one by default) on one host.
+"""Device choice, the memory a process took, and GPU leases: `devices` GPUs per job (one by default) on one host.
 
 Parallel jobs on one host must not share a GPU. Each job takes an exclusive lock on one
 per-GPU lock file per GPU it needs before any CUDA call and holds them until the job ends; then it
@@ -14,6 +14,7 @@ devices, so the lease logic can be tested on a CPU.
 """
 
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -35,6 +36,16 @@ def resolve_device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory, and its peak CUDA allocation when it used CUDA."""
+    import torch
+
+    memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cuda_peak_mb": None}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        memory["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return memory
 
 
 def visible_gpus() -> list[str]:

@@ -10,7 +10,6 @@ publishes no result, so it is computed again next time.
 """
 
 import json
-import resource
 import shutil
 import sys
 import time
@@ -21,8 +20,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from maskrun import preemption, stages
-from maskrun.cache import Cache, cache_key
-from maskrun.devices import gpu_lease
+from maskrun.cache import Cache
+from maskrun.devices import gpu_lease, peak_memory
 from maskrun.loggers import Trackers, job_trackers
 from maskrun.progress import console
 from maskrun.provenance import versions
@@ -35,11 +34,6 @@ RESULT_FILES = ("metrics.json", "history.json", "mask.safetensors", "mask_task_b
 
 class JobFailed(Exception):
     """The job ended with status failed (recorded in its metrics.json): nothing to publish."""
-
-
-def hash_config(cfg: DictConfig) -> str:
-    """The key of the job's result: its settings, and the code and libraries that compute it."""
-    return cache_key("result", stages.result(cfg))
 
 
 def finished_before(run_dir: Path, expected_hash: str) -> bool:
@@ -76,7 +70,7 @@ def new_metrics(cfg: DictConfig, config_hash: str) -> dict:
 def run_job(cfg: DictConfig) -> str:
     """Returns the job's status; exits 1 on failure of a single run (a sweep goes on to its next job)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    config_hash = hash_config(cfg)
+    config_hash = stages.hash_config(cfg)
     if finished_before(run_dir, config_hash):
         console.print(f"maskrun: reused finished run {run_dir} (config {config_hash})")
         finished = json.loads((run_dir / "metrics.json").read_text())
@@ -113,7 +107,7 @@ def compute(cfg: DictConfig, cache: Cache, run_dir: Path, metrics: dict, result_
     """Runs the pipeline into run_dir and records metrics.json; an ok run's results go to result_dir too."""
     from maskrun import checkpoint, pipeline  # torch and transformers: not needed to reuse a finished job
     from maskrun.launch import launch
-    from maskrun.loggers.curves import replay
+    from maskrun.loggers.curves import TrainingCurves, replay
 
     with gpu_lease(str(cfg.device), cfg.devices) as gpu:  # before any CUDA call
         metrics["lease"].update(gpu=gpu, start=time.time())
@@ -125,7 +119,7 @@ def compute(cfg: DictConfig, cache: Cache, run_dir: Path, metrics: dict, result_
                     launch(cfg, run_dir, metrics)  # the pipeline in cfg.devices worker processes
                     replay(trackers, json.loads((run_dir / "history.json").read_text()))
                 else:
-                    pipeline.run(cfg, cache, run_dir, metrics, trackers)
+                    pipeline.run(cfg, cache, run_dir, metrics, trackers.log_pretrain_step, [TrainingCurves(trackers)])
             metrics["status"] = "ok"
             metrics["cache"]["result"] = "miss"
             checkpoint.discard(run_dir)
@@ -177,12 +171,3 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     tmp.replace(run_dir / "metrics.json")
-
-
-def peak_memory() -> dict:
-    import torch
-
-    memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cuda_peak_mb": None}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        memory["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return memory

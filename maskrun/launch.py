@@ -79,8 +79,7 @@ def worker(settings: dict, run_dir: str, metrics: dict) -> dict | None:
     """One rank of the job: the pipeline with the cache fetched rank 0 first. Returns rank 0's metrics."""
     from maskrun import pipeline
     from maskrun.cache import Cache
-    from maskrun.devices import resolve_device
-    from maskrun.job import peak_memory
+    from maskrun.devices import peak_memory, resolve_device
 
     cfg = OmegaConf.create(settings)
     cuda = resolve_device(cfg.device).type == "cuda"

@@ -10,6 +10,7 @@ import functools
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from safetensors import safe_open
 from transformers import (
     AutoConfig,
@@ -171,6 +172,12 @@ def backbone_shapes(mcfg, pcfg) -> dict[str, torch.Size]:
     prefix = task_model.base_model_prefix + "."
     return {name: param.shape for name, param in task_model.named_parameters()
             if name.startswith(prefix) and (pretraining is None or name in pretraining)}
+
+
+@functools.lru_cache(maxsize=None)  # the config checks ask for every job, and the jobs of a sweep share their model
+def backbone_shapes_of(model_yaml: str, pretrain_yaml: str) -> dict[str, torch.Size]:
+    """backbone_shapes of the model and pretrain sections written as YAML (hashable, so the answer is kept)."""
+    return backbone_shapes(OmegaConf.create(model_yaml), OmegaConf.create(pretrain_yaml))
 
 
 def save_backbone(source: str, tokenizer: PreTrainedTokenizerBase, out_dir: Path, dtype: torch.dtype) -> None:

@@ -7,6 +7,7 @@ method's (maskrun.methods).
 import json
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,10 +25,7 @@ from maskrun.data.tokenizer import prepare_tokenizer
 from maskrun.devices import resolve_device
 from maskrun.distributed import Processes
 from maskrun.evaluate import interference
-from maskrun.finetune import finetune
-from maskrun.job import hash_config
-from maskrun.loggers import Trackers
-from maskrun.loggers.curves import TrainingCurves
+from maskrun.finetune import Callback, finetune
 from maskrun.masks import (MASK_FILE, build_mask, eligible_parameters, mask_summary, moving_mask, needs_scores,
                            neuron_axes, read_tied_share, save_mask, selection_record, write_mask)
 from maskrun.masks.selection_pass import read_record, run_selection_pass, write_records
@@ -41,13 +39,14 @@ from maskrun.sequential import fine_tune_next
 from maskrun.tasks import build_task
 
 
-def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | None = None) -> None:
-    """Runs the arrow for `cfg`, filling `metrics` stage by stage (so a failure keeps what was done); `trackers`
-    see the pretraining steps (when pretraining runs) and the fine-tuning curves.
+def run(cfg, cache: Cache, run_dir: Path, metrics: dict, log_pretrain_step: Callable[[dict], None] | None = None,
+        callbacks: Sequence[Callback] = ()) -> None:
+    """Runs the arrow for `cfg`, filling `metrics` stage by stage (so a failure keeps what was done);
+    `log_pretrain_step` sees the pretraining steps (when pretraining runs) and `callbacks` watch fine-tuning: what
+    a job's trackers log (maskrun.loggers), which compute nothing of its results.
 
     One rank of a job of several processes runs it too (maskrun.distributed): rank 0 alone writes the run's files.
     """
-    trackers = trackers or Trackers(cfg, None, [])
     device = resolve_device(cfg.device)
     processes = Processes(cfg.strategy)
     timing, hits = metrics.setdefault("timing", {}), metrics.setdefault("cache", {})
@@ -69,7 +68,7 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
         pretrained_dir, hits["pretrain"] = cache.fetch(
             "pretrain", stages.pretrain(cfg, tokenizer_dir),
             lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed,
-                                 trackers.log_pretrain_step))
+                                 log_pretrain_step))
         metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": MASK_FILE, "finetuned": None,
                                 "adapter": None}
 
@@ -124,10 +123,10 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, trackers: Trackers | No
         moving = moving_mask(cfg.mask, model, list(params), cfg.seed)  # None unless the mask moves while training
         # FSDP's sharded state is not checkpointed (yet): validate refuses finetune.checkpoint_every with it
         checkpointing = Checkpointing(None if processes.strategy == "fsdp" else run_dir / CHECKPOINT_DIR,
-                                      cfg.finetune.checkpoint_every, hash_config(cfg), method.generators())
+                                      cfg.finetune.checkpoint_every, stages.hash_config(cfg), method.generators())
         trained = processes.wrap(model, load_file(mask_dir / MASK_FILE))
         history = finetune(trained, task, mask_dir / MASK_FILE, cfg.finetune, cfg.optimizer, device, cfg.seed,
-                           method.extra_loss, callbacks=[TrainingCurves(trackers)] + ([moving] if moving else []),
+                           method.extra_loss, callbacks=[*callbacks] + ([moving] if moving else []),
                            checkpointing=checkpointing, processes=processes)
         processes.gather(trained, model)
         if not processes.is_main:  # the other ranks' part ends with fine-tuning

@@ -4,8 +4,12 @@ A stage's cache key is the hash of its inputs (cache.cache_key). Besides its set
 entries, every stage's inputs hold
 
 - `code`: a fingerprint of the maskrun source the stage runs: its modules and every maskrun module
-  they import, read from the files themselves (committed or not). An edit recomputes from the first
+  they import, read from the files themselves (committed or not) as syntax trees without their
+  docstrings, so that comments, docstrings and layout do not count. An edit recomputes from the first
   stage whose code it touches, and every stage downstream of it, since their keys hold its entry.
+  So the imports mirror the stages: what a stage runs imports nothing that only checks, drives,
+  tracks or reports a job (maskrun.validate, maskrun.job, maskrun.loggers, maskrun.report), and no
+  import circle ties a stage's code to its callers' (tests/test_stage_keys.py holds them to that).
 - `libraries`: the versions of the libraries whose numerics the artifacts depend on.
 
 Upstream entries are named by their directory (their own key), so a key never repeats the inputs
@@ -24,11 +28,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import maskrun
+from maskrun.cache import cache_key
 
 PACKAGE_ROOT = Path(maskrun.__file__).resolve().parent
 # The eval settings a task's validation result depends on (maskrun.tasks): its batches, and an instruction task's
 # generation and answer matching.
 VALIDATION_SETTINGS = ("batch_size", "max_new_tokens", "answer_pattern")
+DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)  # what may open with a docstring
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scikit-learn", "pandas", "peft")
 
 # The modules each stage runs (the pipeline passes them the corpus and the task, so the data
@@ -40,7 +46,7 @@ STAGE_CODE = {
     "selection": ("maskrun.masks.selection_pass", "maskrun.data.tasks", "maskrun.tasks"),
     "mask": ("maskrun.masks",),
     "scratch": ("maskrun.controls", "maskrun.data.tasks", "maskrun.tasks"),
-    "result": ("maskrun.job", "maskrun.pipeline"),
+    "result": ("maskrun.pipeline", "maskrun.launch"),  # launch: the pipeline in several processes (devices>1)
 }
 
 
@@ -146,6 +152,11 @@ def result(cfg) -> dict:
     return stage_inputs("result", settings=settings, files=files)
 
 
+def hash_config(cfg) -> str:
+    """The key of the job's result: its settings, and the code and libraries that compute it."""
+    return cache_key("result", result(cfg))
+
+
 def file_digest(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -165,11 +176,22 @@ def library_versions() -> dict:
 
 @functools.cache
 def code_fingerprint(modules: tuple[str, ...]) -> str:
-    """sha256 over the source of `modules` and of every maskrun module they import, directly or not."""
+    """sha256 over the code of `modules` and of every maskrun module they import, directly or not."""
     digest = hashlib.sha256()
     for name in sorted(import_closure(modules)):
-        digest.update(name.encode() + b"\0" + module_file(name).read_bytes() + b"\0")
+        digest.update(name.encode() + b"\0" + code_of(name).encode() + b"\0")
     return digest.hexdigest()[:20]
+
+
+@functools.cache  # read once per process, as the code that runs is
+def code_of(name: str) -> str:
+    """What module `name` computes: its syntax tree without docstrings, so that comments, docstrings and layout
+    do not count."""
+    tree = ast.parse(module_file(name).read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, DOCUMENTED) and ast.get_docstring(node, clean=False) is not None:
+            node.body = node.body[1:]
+    return ast.dump(tree)
 
 
 def import_closure(modules: tuple[str, ...]) -> set[str]:
@@ -193,7 +215,8 @@ def is_maskrun_module(name: str) -> bool:
     return name.split(".")[0] == "maskrun" and module_file(name).is_file()
 
 
-def maskrun_imports(name: str) -> list[str]:
+@functools.cache
+def maskrun_imports(name: str) -> tuple[str, ...]:
     """The maskrun modules that `name` imports anywhere in its source (also inside functions)."""
     package = name if module_file(name).name == "__init__.py" else name.rsplit(".", 1)[0]
     found = []
@@ -205,6 +228,7 @@ def maskrun_imports(name: str) -> list[str]:
             if node.level:
                 anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{anchor}.{base}" if base else anchor
-            found.append(base)
-            found += [f"{base}.{alias.name}" for alias in node.names]  # `from pkg import module`
-    return [module for module in found if is_maskrun_module(module)]
+            submodules = [f"{base}.{alias.name}" for alias in node.names if is_maskrun_module(f"{base}.{alias.name}")]
+            # `from pkg import module` imports the module; any other name comes from pkg itself
+            found += submodules + ([base] if len(submodules) < len(node.names) else [])
+    return tuple(module for module in found if is_maskrun_module(module))

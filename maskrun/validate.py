@@ -24,6 +24,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from maskrun.checks import in_range, is_number, non_negative_int, one_of, positive_int
 from maskrun.data.corpus import check_corpus, load_corpus
 from maskrun.data.packaged import packaged_file
 from maskrun.data.tasks import check_task, load_task, task_type
@@ -275,11 +276,10 @@ def realized_share(model_yaml: str, pretrain_yaml: str, mask_yaml: str) -> float
     return mask_summary(mask, selection.masks, selection.tied_share)["ratio_actual"]
 
 
-@functools.lru_cache(maxsize=None)  # the jobs of a sweep share their model
 def backbone_shapes(model_yaml: str, pretrain_yaml: str) -> dict[str, torch.Size]:
     from maskrun import models
 
-    return models.backbone_shapes(OmegaConf.create(model_yaml), OmegaConf.create(pretrain_yaml))
+    return models.backbone_shapes_of(model_yaml, pretrain_yaml)
 
 
 def eligible_shapes(cfg: DictConfig) -> dict[str, torch.Size]:
@@ -677,29 +677,3 @@ def check_writable(path: Path, key: str) -> None:
         raise ConfigError(f"{key}={path} is not writable ({existing}: {err.strerror})",
                           f"point {key} at a writable directory") from None
 
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def in_range(value, key: str, example: str, low: float, high: float, lower_open=False, upper_open=False) -> None:
-    above = is_number(value) and (value > low if lower_open else value >= low)
-    below = is_number(value) and (value < high if upper_open else value <= high)
-    if not (above and below):
-        interval = f"{'(' if lower_open else '['}{low:g}, {high:g}{')' if upper_open else ']'}"
-        raise ConfigError(f"{key}={value!r} is not a number in {interval}", f"e.g. {key}={example}")
-
-
-def positive_int(value, key: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key}={value!r} must be a whole number >= 1", f"e.g. {key}=32")
-
-
-def non_negative_int(value, key: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{key}={value!r} must be a whole number >= 0", f"e.g. {key}=100")
-
-
-def one_of(value, options, key: str) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}={value!r} is not supported", f"choose one of: {', '.join(options)}")

@@ -20,8 +20,8 @@ from maskrun.checkpoint import Checkpointing, decode, encode
 from maskrun.cli import CONFIG_MODULE
 from maskrun.errors import ConfigError
 from maskrun.finetune import Callback, finetune
-from maskrun.job import hash_config
 from maskrun.methods import build_method
+from maskrun.stages import hash_config
 from maskrun.validate import check_config, compose_jobs
 from test_finetune import half_frozen, task, tiny_model, training_configs  # noqa: F401 (task: a fixture)
 from test_methods import bert_dir, composed, context, task_model, tokenizer_dir  # noqa: F401 (fixtures)

@@ -1,6 +1,8 @@
 """Every stage's key holds a fingerprint of the maskrun source it runs: an edit, committed or not, recomputes
 from the first stage it can affect, and never reuses what other code computed."""
 
+import ast
+import graphlib
 import json
 import os
 import platform
@@ -34,11 +36,55 @@ def edit(path: Path, old: str, new: str) -> None:
 
 def fingerprints(monkeypatch, package_root: Path) -> dict[str, str]:
     monkeypatch.setattr(stages, "PACKAGE_ROOT", package_root)
-    stages.code_fingerprint.cache_clear()
+    clear_source_caches()
     try:
         return {stage: stages.code_fingerprint(modules) for stage, modules in stages.STAGE_CODE.items()}
     finally:
-        stages.code_fingerprint.cache_clear()
+        clear_source_caches()
+
+
+def clear_source_caches() -> None:
+    for cached in (stages.code_fingerprint, stages.code_of, stages.maskrun_imports):
+        cached.cache_clear()
+
+
+def changed_stages(monkeypatch, package: Path, module: str, change) -> set[str]:
+    """The stages whose code fingerprint `change` (of the file's text) alters when applied to `module`."""
+    before = fingerprints(monkeypatch, package)
+    path = package / module
+    changed = change(path.read_text())
+    assert changed != path.read_text()
+    path.write_text(changed)
+    after = fingerprints(monkeypatch, package)
+    return {stage for stage in before if before[stage] != after[stage]}
+
+
+def add_code(text: str) -> str:
+    return text + "\nAN_EDIT = 1\n"
+
+
+def add_comment(text: str) -> str:
+    first_def = text.index("\ndef ") + 1
+    return text[:first_def] + "# an edit\n" + text[first_def:]
+
+
+def reword_docstrings(text: str) -> str:
+    """Every docstring (the module's, its classes' and functions') one line longer."""
+    lines = text.splitlines(keepends=True)
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, stages.DOCUMENTED) and ast.get_docstring(node) is not None:
+            first = node.body[0].lineno - 1
+            lines[first] = lines[first].replace('"""', '"""Reworded.\n' + " " * node.body[0].col_offset, 1)
+    return "".join(lines)
+
+
+def modules(package: Path) -> list[str]:
+    return sorted(str(path.relative_to(package)) for path in package.rglob("*.py") if "conf" not in path.parts)
+
+
+def module_name(relative_path: str) -> str:
+    parts = Path(relative_path).with_suffix("").parts
+    return ".".join(("maskrun",) + (parts[:-1] if parts[-1] == "__init__" else parts))
 
 
 @pytest.mark.parametrize("module, changed", [
@@ -52,12 +98,41 @@ def fingerprints(monkeypatch, package_root: Path) -> dict[str, str]:
     ("report/sweep.py", set()),  # the sweep report reads results; no stage runs it
 ])
 def test_an_edit_changes_the_fingerprint_of_exactly_the_stages_that_run_it(tmp_path, monkeypatch, module, changed):
-    package = copy_of_maskrun(tmp_path)
-    before = fingerprints(monkeypatch, package)
-    with (package / module).open("a") as f:
-        f.write("\n# an edit\n")
-    after = fingerprints(monkeypatch, package)
-    assert {stage for stage in before if before[stage] != after[stage]} == changed
+    assert changed_stages(monkeypatch, copy_of_maskrun(tmp_path), module, add_code) == changed
+
+
+# What checks, drives, tracks or reports a job computes nothing a stage caches: editing it reruns nothing.
+JOB_CODE = ["validate.py", "job.py", "cli.py", "provenance.py", "report/run.py",
+            *(f"loggers/{name}" for name in modules(SOURCE / "loggers"))]
+
+
+@pytest.mark.parametrize("module", JOB_CODE)
+def test_editing_the_code_around_the_stages_changes_no_stage_key(tmp_path, monkeypatch, module):
+    assert changed_stages(monkeypatch, copy_of_maskrun(tmp_path), module, add_code) == set()
+
+
+@pytest.mark.parametrize("change", [add_comment, reword_docstrings])
+@pytest.mark.parametrize("module", ["pretrain.py", "finetune.py", "masks/__init__.py", "pipeline.py"])
+def test_comments_and_docstrings_change_no_stage_key(tmp_path, monkeypatch, module, change):
+    assert changed_stages(monkeypatch, copy_of_maskrun(tmp_path), module, change) == set()
+
+
+def test_the_imports_of_maskrun_form_no_circle():
+    """An import circle would tie each stage's key to the code of whatever imports it (its callers, their
+    checks and reports): every maskrun module's imports, those inside functions too, must form a DAG."""
+    graph = {module_name(path): set(stages.maskrun_imports(module_name(path))) for path in modules(SOURCE)}
+    assert len(graph) > 50 and graph["maskrun.pipeline"]
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as err:
+        pytest.fail(f"import circle: {' -> '.join(err.args[1])}")
+
+
+def test_no_stage_runs_the_code_that_checks_drives_tracks_or_reports_a_job():
+    job_code = {module_name(path) for path in JOB_CODE} | {module_name(f"report/{path}") for path in
+                                                           modules(SOURCE / "report")}
+    for stage, stage_modules in stages.STAGE_CODE.items():
+        assert stages.import_closure(stage_modules) & job_code == set(), stage
 
 
 def test_every_stage_declares_code_that_exists_and_follows_its_imports():
@@ -109,6 +184,23 @@ def test_resume_in_the_same_run_dir_reruns_a_job_that_other_code_finished(tmp_pa
     assert "reused finished run" not in rerun.stdout + rerun.stderr
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["interference"]["forgetting"] == 12345.0
     assert run_dirs(tmp_path / "run") == [tmp_path / "run"]
+
+
+def test_a_job_finished_before_an_edit_of_its_checks_or_its_report_is_reused(tmp_path):
+    """Another run dir, the same settings and cache, run by a copy whose config checks and run report were edited:
+    the result is the cached one, and the edited report shows it."""
+    original, edited = copy_of_maskrun(tmp_path / "original"), copy_of_maskrun(tmp_path / "edited")
+    edit(edited / "validate.py", "add -m to run them as a sweep", "add -m to sweep over them")
+    edit(edited / "report/run.py", 'f"# maskrun run · {run_dir.name}"', 'f"# maskrun run: {run_dir.name}"')
+    args = ["experiment=smoke", "pretrain.steps=2", "finetune.epochs=1", "dataset.max_examples=120",
+            f"cache_dir={tmp_path / 'cache'}"]
+    for package in (original, edited):
+        run_copy(package, [*args, f"hydra.run.dir={tmp_path / 'runs' / package.parent.name}"], tmp_path)
+    first, second = (load_metrics(tmp_path / "runs" / name) for name in ("original", "edited"))
+    assert first["cache"]["result"] == "miss" and "reused_result" not in first
+    assert second["cache"]["result"] == "hit" and second["reused_result"]
+    assert second["task"] == first["task"] and second["versions"]["source"] == first["versions"]["source"]
+    assert (tmp_path / "runs" / "edited" / "report.md").read_text().startswith("# maskrun run: edited")
 
 
 def test_files_named_by_path_count_by_their_content(tmp_path):

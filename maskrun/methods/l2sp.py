@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from maskrun.checks import in_range
 from maskrun.methods import base
 
 USES_MASK = True
@@ -24,8 +25,6 @@ def build(cfg, context) -> base.Method:
 
 
 def check_strength(value, key: str, example: str) -> None:
-    from maskrun.validate import in_range  # maskrun.validate imports the method registry
-
     in_range(value, key, example, 0.0, math.inf, upper_open=True)
 
 

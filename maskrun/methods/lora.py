@@ -16,6 +16,7 @@ import warnings
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from maskrun.checks import in_range, is_number, positive_int
 from maskrun.errors import ConfigError
 from maskrun.methods import base
 
@@ -87,7 +88,7 @@ def build(cfg: DictConfig, context: base.Context) -> LoRA:
 def check(cfg: DictConfig) -> None:
     from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 
-    from maskrun.validate import backbone_shapes, in_range, is_number, positive_int  # validate imports METHODS
+    from maskrun.models import backbone_shapes_of
 
     mcfg = cfg.method
     if cfg.finetune.unfreeze_after is not None:
@@ -99,7 +100,7 @@ def check(cfg: DictConfig) -> None:
     in_range(mcfg.dropout, "method.dropout", "0.05", 0.0, 1.0, upper_open=True)
     target_modules = mcfg.target_modules
     if not (isinstance(target_modules, str) and target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
-        check_targets(target_modules, backbone_shapes(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain)))
+        check_targets(target_modules, backbone_shapes_of(OmegaConf.to_yaml(cfg.model), OmegaConf.to_yaml(cfg.pretrain)))
 
 
 def check_targets(target_modules, shapes: dict[str, torch.Size]) -> None:

@@ -17,6 +17,7 @@ from fractions import Fraction
 
 import torch
 
+from maskrun.checks import in_range, positive_int
 from maskrun.errors import ConfigError
 from maskrun.methods import base
 
@@ -27,7 +28,6 @@ SEED_OFFSET = 2  # fine-tuning draws its batch order from seed and its input noi
 
 def check(cfg) -> None:
     from maskrun.models import pretraining_objective  # keeps transformers off the config-check path
-    from maskrun.validate import in_range, positive_int  # maskrun.validate imports the method registry
 
     in_range(cfg.method.share, "method.share", "0.1", 0.0, 1.0, lower_open=True)
     in_range(cfg.method.weight, "method.weight", "1.0", 0.0, math.inf, lower_open=True, upper_open=True)
