@@ -101,7 +101,12 @@ def dequantize(gcfg, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = located(gcfg)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # transformers keeps a GGUF quantizer on the loaded model, which refuses save_pretrained; its weights are plain
+    # fp32 tensors by now, so they move into the same model built from its config alone.
+    del loaded.config.quantization_config
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
