@@ -2,10 +2,12 @@
 
 Families: BERT-style encoders pretrained by masked language modelling and decoders (GPT-2, Llama,
 Qwen2, Mistral) pretrained as causal language models, either built from scratch (`model.family`) or
-loaded pretrained (`model.packaged` or `model.name_or_path`). Every checkpoint maskrun saves keeps the
-backbone under the task model's names, so a mask's names match both.
+loaded pretrained (`model.packaged`, `model.name_or_path` or `model.gguf`, a quantized file dequantized
+into the cache by maskrun.dequantize). Every checkpoint maskrun saves keeps the backbone under the task
+model's names, so a mask's names match both.
 """
 
+import copy
 import functools
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import logging as hf_logging
 
 from maskrun.data.packaged import packaged_file
+from maskrun.dequantize import gguf_config, located
 from maskrun.errors import ConfigError
 
 # Loading a pretraining checkpoint under a new task head is the point, not a warning;
@@ -45,16 +48,20 @@ def torch_dtype(mcfg) -> torch.dtype:
 
 
 def pretrained_source(mcfg) -> str | None:
-    """Where a pretrained model is loaded from (a packaged model, a hub id or a local dir); None: built from scratch."""
+    """Where a pretrained model is loaded from (a packaged model, a hub id or a local dir); None: built from scratch.
+    A GGUF checkpoint's is its file, which its config is read from: the stages load its weights and tokenizer from
+    its dequantized cache entry, a local dir in its place (maskrun.pipeline)."""
     if mcfg.get("packaged"):
         return str(packaged_file(mcfg.packaged))
+    if mcfg.get("gguf"):
+        return str(located(mcfg.gguf))
     return mcfg.get("name_or_path")
 
 
 @functools.lru_cache(maxsize=None)  # validation and the stages ask one source several questions
 def source_config(source: str) -> PretrainedConfig:
     """A pretrained model's config, read once; callers only read it."""
-    return AutoConfig.from_pretrained(source)
+    return gguf_config(Path(source)) if source.endswith(".gguf") else AutoConfig.from_pretrained(source)
 
 
 def checkpoint_head(source: str) -> str | None:
@@ -163,7 +170,7 @@ def backbone_shapes(mcfg, pcfg) -> dict[str, torch.Size]:
     """The task model's backbone parameters (what a mask can select) and their shapes, from the model config alone."""
     source = pretrained_source(mcfg)
     # Built from scratch, the model gets the tokenizer trained to model.vocab_size; the special ids change no shape.
-    config = AutoConfig.from_pretrained(source) if source else scratch_config(mcfg, mcfg.vocab_size, 0, 1, 2)
+    config = copy.deepcopy(source_config(source)) if source else scratch_config(mcfg, mcfg.vocab_size, 0, 1, 2)
     objective = pretraining_objective(mcfg, pcfg)
     with torch.device("meta"):  # no weights are allocated
         task_model = AutoModelForSequenceClassification.from_config(config)

@@ -22,6 +22,7 @@ from maskrun.checkpoint import CHECKPOINT_DIR, Checkpointing
 from maskrun.controls import run_controls
 from maskrun.data import load_corpus, load_task
 from maskrun.data.tokenizer import prepare_tokenizer
+from maskrun.dequantize import dequantize, read_source
 from maskrun.devices import resolve_device
 from maskrun.distributed import Processes
 from maskrun.evaluate import interference
@@ -56,10 +57,18 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, log_pretrain_step: Call
     data = load_task(cfg.dataset, cfg.dataset.split_seed)
     dtype = torch_dtype(cfg.model)
 
+    local_model = cfg.model  # what the stages load: for a GGUF checkpoint, its dequantized entry in its place
+    if cfg.model.get("gguf"):
+        with stage_timer(timing, "dequantize"):
+            checkpoint_dir, hits["dequantize"] = cache.fetch("dequantize", stages.dequantize(cfg.model),
+                                                             lambda out: dequantize(cfg.model.gguf, out))
+        metrics["model_source"] = read_source(checkpoint_dir)
+        local_model = OmegaConf.merge(cfg.model, {"gguf": None, "name_or_path": str(checkpoint_dir)})
+
     with stage_timer(timing, "tokenizer"):
         tokenizer_dir, hits["tokenizer"] = cache.fetch(
             "tokenizer", stages.tokenizer(cfg),
-            lambda out: prepare_tokenizer(pretrained_source(cfg.model), corpus.train, cfg.model.get("vocab_size"), out,
+            lambda out: prepare_tokenizer(pretrained_source(local_model), corpus.train, cfg.model.get("vocab_size"), out,
                                           cfg.model.family))
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         task = build_task(data, tokenizer, cfg.finetune.max_length, cfg.eval)
@@ -67,7 +76,7 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, log_pretrain_step: Call
     with stage_timer(timing, "pretrain"):
         pretrained_dir, hits["pretrain"] = cache.fetch(
             "pretrain", stages.pretrain(cfg, tokenizer_dir),
-            lambda out: pretrain(cfg.model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed,
+            lambda out: pretrain(local_model, cfg.pretrain, corpus.train, tokenizer_dir, out, device, cfg.seed,
                                  log_pretrain_step))
         metrics["artifacts"] = {"pretrained": str(pretrained_dir.resolve()), "mask": MASK_FILE, "finetuned": None,
                                 "adapter": None}

@@ -28,6 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import maskrun
+from maskrun import dequantize as gguf_checkpoint
 from maskrun.cache import cache_key
 
 PACKAGE_ROOT = Path(maskrun.__file__).resolve().parent
@@ -40,6 +41,7 @@ LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "sci
 # The modules each stage runs (the pipeline passes them the corpus and the task, so the data
 # modules that load those count too); their maskrun imports are followed.
 STAGE_CODE = {
+    "dequantize": ("maskrun.dequantize",),
     "tokenizer": ("maskrun.data.tokenizer", "maskrun.data.corpus"),
     "pretrain": ("maskrun.pretrain", "maskrun.data.corpus"),
     "scores": ("maskrun.masks.scores", "maskrun.data.tasks", "maskrun.tasks"),
@@ -81,15 +83,24 @@ def task(dcfg) -> dict:
 
 
 def model(mcfg) -> dict:
-    """The model's settings, and a local model folder by its files."""
+    """The model's settings, a local model folder by its files, and a GGUF checkpoint by its dequantized entry."""
     source = mcfg.get("name_or_path")
-    return {**plain(mcfg), "name_or_path": folder_digest(Path(source)) if source and Path(source).is_dir() else source}
+    spec = {**plain(mcfg), "name_or_path": folder_digest(Path(source)) if source and Path(source).is_dir() else source}
+    if mcfg.get("gguf"):
+        spec["gguf"] = cache_key("dequantize", dequantize(mcfg))
+    return spec
+
+
+def dequantize(mcfg) -> dict:
+    """A GGUF checkpoint by its file's content (the same file in another package or place is the same checkpoint),
+    and the version of the library that reads it."""
+    return stage_inputs("dequantize", sha256=gguf_checkpoint.digest(mcfg.gguf), gguf=version("gguf"))
 
 
 def tokenizer(cfg) -> dict:
     """A pretrained model's own tokenizer is keyed by the model; a trained one by its corpus, its size and the family
     it is for (WordPiece or byte-level BPE)."""
-    if cfg.model.get("packaged") or cfg.model.get("name_or_path"):
+    if cfg.model.get("packaged") or cfg.model.get("name_or_path") or cfg.model.get("gguf"):
         return stage_inputs("tokenizer", model=model(cfg.model))
     return stage_inputs("tokenizer", corpus=corpus(cfg.dataset), vocab_size=cfg.model.vocab_size,
                         family=cfg.model.family)

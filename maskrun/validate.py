@@ -315,6 +315,8 @@ def check_model(model: DictConfig, pretrain: DictConfig, finetune: DictConfig) -
     one_of(model.dtype, DTYPES, "model.dtype")
     if model.get("packaged"):
         packaged_file(model.packaged)
+    elif model.get("gguf"):
+        check_gguf(model.gguf)
     elif model.get("name_or_path") is not None:
         check_model_source(str(model.name_or_path))
     else:
@@ -349,6 +351,18 @@ def check_model_source(name_or_path: str) -> None:
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path={name_or_path} cannot be loaded: {first_line(err).split('. ')[0]}",
                           how) from None
+
+
+def check_gguf(gguf: DictConfig) -> None:
+    """A GGUF checkpoint's packages are installed and its config reads from the file's metadata (no tensor is read)."""
+    from maskrun.dequantize import gguf_config, located
+
+    path = located(gguf)
+    try:
+        gguf_config(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"model.gguf file {path} cannot be read: {first_line(err).split('. ')[0]}",
+                          "give a GGUF file of an architecture transformers loads (llama, qwen2, gemma3, ...)") from None
 
 
 @functools.lru_cache(maxsize=None)  # the jobs of a sweep share their model

