@@ -40,6 +40,7 @@ STAGE_CODE = {
     "selection": ("maskrun.masks.selection_pass", "maskrun.data.tasks", "maskrun.tasks"),
     "mask": ("maskrun.masks",),
     "scratch": ("maskrun.controls", "maskrun.data.tasks", "maskrun.tasks"),
+    "benchmarks": ("maskrun.benchmarks.score",),
     "result": ("maskrun.job", "maskrun.pipeline"),
 }
 
@@ -133,6 +134,17 @@ def scratch(cfg, tokenizer_dir: Path) -> dict:
     """The control depends on everything that shapes the task model's training, but not on the mask."""
     return stage_inputs("scratch", tokenizer=Path(tokenizer_dir).name, seed=cfg.seed, model=model(cfg.model),
                         dataset=task(cfg.dataset), finetune=training(cfg.finetune), optimizer=plain(cfg.optimizer))
+
+
+def benchmarks(cfg, pretrained_dir: Path, name: str, data: list[Path]) -> dict:
+    """The pretrained model's score on one benchmark: by the checkpoint, the benchmark's definition, its data folders
+    by their files, how it is scored (items, shots, batches: padding moves the last bits) and lm-eval's version."""
+    from maskrun.benchmarks import BENCHMARKS
+
+    settings = {key: cfg.eval[key] for key in ("benchmark_limit", "benchmark_fewshot", "benchmark_batch_size")}
+    return stage_inputs("benchmarks", pretrained=Path(pretrained_dir).name, benchmark=name,
+                        definition=vars(BENCHMARKS[name]), data=[folder_digest(folder) for folder in data],
+                        settings=settings, lm_eval=version("lm_eval"))
 
 
 def result(cfg) -> dict:
