@@ -24,6 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import maskrun
+from maskrun.benchmarks import BENCHMARKS
 
 PACKAGE_ROOT = Path(maskrun.__file__).resolve().parent
 # The eval settings a task's validation result depends on (maskrun.tasks): its batches, and an instruction task's
@@ -136,14 +137,12 @@ def scratch(cfg, tokenizer_dir: Path) -> dict:
                         dataset=task(cfg.dataset), finetune=training(cfg.finetune), optimizer=plain(cfg.optimizer))
 
 
-def benchmarks(cfg, pretrained_dir: Path, name: str, data: list[Path]) -> dict:
-    """The pretrained model's score on one benchmark: by the checkpoint, the benchmark's definition, its data folders
-    by their files, how it is scored (items, shots, batches: padding moves the last bits) and lm-eval's version."""
-    from maskrun.benchmarks import BENCHMARKS
-
+def benchmarks(cfg, pretrained_dir: Path, name: str, data: Path) -> dict:
+    """The pretrained model's score on one benchmark: by the checkpoint, the benchmark's definition, its data folder
+    by its files, how it is scored (items, shots, batches: padding moves the last bits) and lm-eval's version."""
     settings = {key: cfg.eval[key] for key in ("benchmark_limit", "benchmark_fewshot", "benchmark_batch_size")}
     return stage_inputs("benchmarks", pretrained=Path(pretrained_dir).name, benchmark=name,
-                        definition=vars(BENCHMARKS[name]), data=[folder_digest(folder) for folder in data],
+                        definition=vars(BENCHMARKS[name]), data=folder_digest(data),
                         settings=settings, lm_eval=version("lm_eval"))
 
 

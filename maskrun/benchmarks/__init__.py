@@ -111,4 +111,5 @@ def check_causal_lm(objective: str | None, model_name: str) -> None:
     (classification on a decoder, as forgetting reads it). An encoder has no LM that lm-eval can score."""
     if objective != "causal_lm":
         raise ConfigError(f"eval.benchmarks score a causal LM, and model {model_name} is pretrained with "
-                          f"{objective or 'no head'}", "choose a decoder model (e.g. model=tiny_gpt), or eval.benchmarks=[]")
+                          f"{objective or 'no head'}",
+                          "choose a decoder model (e.g. model=tiny_gpt), or eval.benchmarks=[]")

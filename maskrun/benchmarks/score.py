@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from maskrun import stages
-from maskrun.benchmarks import BENCHMARKS, MMLU_SPLIT, data_folders, drawn_items
+from maskrun.benchmarks import BENCHMARKS, MMLU_SPLIT, data_folders, drawn_items, package_dir
 from maskrun.models import load_pretraining_model
 
 SCORES_FILE = "scores.json"
@@ -110,8 +110,9 @@ def fetch_before(cache, cfg, pretrained_dir: Path, pretrained_lm, tokenizer, nam
     def build(out: Path) -> None:
         (out / SCORES_FILE).write_text(json.dumps(score(pretrained_lm, tokenizer, name, cfg.eval)))
 
-    entry, hit = cache.fetch("benchmarks", stages.benchmarks(cfg, pretrained_dir, name, data_folders(BENCHMARKS[name])),
-                             build)
+    benchmark = BENCHMARKS[name]
+    inputs = stages.benchmarks(cfg, pretrained_dir, name, package_dir(benchmark) / benchmark.data)
+    entry, hit = cache.fetch("benchmarks", inputs, build)
     return json.loads((entry / SCORES_FILE).read_text()), hit
 
 
@@ -124,7 +125,8 @@ def benchmark_forgetting(cfg, cache, pretrained_dir: Path, finetuned_model, task
     finetuned_lm = task.pretraining_view(pretrained_lm, finetuned_model)
     per_benchmark = {}
     for name in cfg.eval.benchmarks:
-        before, hits[f"benchmarks.{name}"] = fetch_before(cache, cfg, pretrained_dir, pretrained_lm, task.tokenizer, name)
+        before, hits[f"benchmarks.{name}"] = fetch_before(cache, cfg, pretrained_dir, pretrained_lm, task.tokenizer,
+                                                          name)
         after = score(finetuned_lm, task.tokenizer, name, cfg.eval)
         per_benchmark[name] = {"metric": after["metric"], "before": before["score"], "after": after["score"],
                                "delta": after["score"] - before["score"], "stderr": after["stderr"], "n": after["n"]}
