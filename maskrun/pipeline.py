@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from maskrun import stages
+from maskrun.benchmarks.score import benchmark_forgetting
 from maskrun.cache import Cache
 from maskrun.checkpoint import CHECKPOINT_DIR, Checkpointing
 from maskrun.controls import run_controls
@@ -158,6 +159,8 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, log_pretrain_step: Call
         metrics["interference"] = interference(
             pretrained_dir, model, task, corpus, cfg.eval.heldout_texts,
             pretraining_objective(cfg.model, cfg.pretrain), cfg.pretrain.max_length, device, cfg.eval.batch_size)
+        if cfg.eval.benchmarks:  # forgetting on standard benchmarks (maskrun.benchmarks)
+            metrics["interference"] |= benchmark_forgetting(cfg, cache, pretrained_dir, model, task, device, hits)
 
     if cfg.eval.posthoc_reset:  # the run's mask strategy at other ratios, applied to the fine-tuned deltas
         with stage_timer(timing, "posthoc"):

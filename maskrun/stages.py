@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import maskrun
 from maskrun import dequantize as gguf_checkpoint
+from maskrun.benchmarks import BENCHMARKS
 from maskrun.cache import cache_key
 
 PACKAGE_ROOT = Path(maskrun.__file__).resolve().parent
@@ -48,6 +49,7 @@ STAGE_CODE = {
     "selection": ("maskrun.masks.selection_pass", "maskrun.data.tasks", "maskrun.tasks"),
     "mask": ("maskrun.masks",),
     "scratch": ("maskrun.controls", "maskrun.data.tasks", "maskrun.tasks"),
+    "benchmarks": ("maskrun.benchmarks.score",),
     "result": ("maskrun.pipeline", "maskrun.launch"),  # launch: the pipeline in several processes (devices>1)
 }
 
@@ -150,6 +152,15 @@ def scratch(cfg, tokenizer_dir: Path) -> dict:
     """The control depends on everything that shapes the task model's training, but not on the mask."""
     return stage_inputs("scratch", tokenizer=Path(tokenizer_dir).name, seed=cfg.seed, model=model(cfg.model),
                         dataset=task(cfg.dataset), finetune=training(cfg.finetune), optimizer=plain(cfg.optimizer))
+
+
+def benchmarks(cfg, pretrained_dir: Path, name: str, data: Path) -> dict:
+    """The pretrained model's score on one benchmark: by the checkpoint, the benchmark's definition, its data folder
+    by its files, how it is scored (items, shots, batches: padding moves the last bits) and lm-eval's version."""
+    settings = {key: cfg.eval[key] for key in ("benchmark_limit", "benchmark_fewshot", "benchmark_batch_size")}
+    return stage_inputs("benchmarks", pretrained=Path(pretrained_dir).name, benchmark=name,
+                        definition=vars(BENCHMARKS[name]), data=folder_digest(data),
+                        settings=settings, lm_eval=version("lm_eval"))
 
 
 def result(cfg) -> dict:

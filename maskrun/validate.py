@@ -24,6 +24,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from maskrun.benchmarks import check_benchmarks
 from maskrun.checks import in_range, is_number, non_negative_int, one_of, positive_int
 from maskrun.data.corpus import check_corpus, load_corpus
 from maskrun.data.packaged import packaged_file
@@ -170,6 +171,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> None:
         for control in cfg.eval.controls:
             one_of(control, CONTROLS, "eval.controls")
         check_posthoc_reset(cfg.eval.posthoc_reset, cfg.mask)
+        check_benchmarks(cfg)
         if cfg.sequential.dataset:
             check_dataset(cfg.sequential.dataset)
         check_device(str(cfg.device))

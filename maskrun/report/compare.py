@@ -13,7 +13,7 @@ higher is better in each; "matched accuracy" is the project's name for the compa
 import numpy as np
 import pandas as pd
 
-from maskrun.report.plots import TEST_FORGETTING, VALIDATION_FORGETTING
+from maskrun.report.plots import BENCHMARK_FORGETTING, TEST_FORGETTING, VALIDATION_FORGETTING
 from maskrun.report.task_metric import ACCURACY, TaskMetric
 
 # Column of summary.csv: its name in the report. Each is correlated with test forgetting across the ok jobs.
@@ -22,6 +22,7 @@ MEASURES = {
     "interference.cka": "CKA",
     "interference.drift_l2": "drift L2",
     "trainable_share": "trainable share",
+    BENCHMARK_FORGETTING: "benchmark forgetting",
 }
 MIN_JOBS_FOR_CORRELATION = 3  # two jobs always rank-correlate at ±1
 LEVELS = 6

@@ -19,11 +19,13 @@ from maskrun.report.task_metric import ACCURACY, TASK_METRICS, TaskMetric  # noq
 
 REALIZED = "mask.ratio_actual"
 VALIDATION_FORGETTING, TEST_FORGETTING = "interference.validation.forgetting", "interference.forgetting"
+BENCHMARK_FORGETTING = "interference.benchmark_forgetting"  # maskrun.benchmarks: mean score drop
 LABELS = {  # axis label of each plotted column of summary.csv
     **{metric.validation: f"validation {metric.axis}" for metric in TASK_METRICS.values()},
     **{metric.test: f"test {metric.axis}" for metric in TASK_METRICS.values()},
     VALIDATION_FORGETTING: "validation forgetting (pretraining loss after − before)",
     TEST_FORGETTING: "test forgetting (pretraining loss after − before)",
+    BENCHMARK_FORGETTING: "benchmark forgetting (mean score before − after)",
 }
 
 
@@ -65,17 +67,19 @@ def draw_accuracy_vs_forgetting(ax, table: pd.DataFrame, front: pd.Series, metri
     ax.legend(fontsize=8)
 
 
-def draw_method_fronts(ax, fronts: dict[str, pd.DataFrame], levels: list[float], metric: TaskMetric = ACCURACY) -> None:
-    """Each method's front at its validation metric (where fronts are chosen and matched) and its test forgetting
-    (reported), with the std over seeds of both as error bars; dotted lines at the metric's levels compared."""
-    x, y = f"{metric.validation} mean", f"{TEST_FORGETTING} mean"
+def draw_method_fronts(ax, fronts: dict[str, pd.DataFrame], levels: list[float], metric: TaskMetric = ACCURACY,
+                       forgetting: str = TEST_FORGETTING) -> None:
+    """Each method's front at its validation metric (where fronts are chosen and matched) and its `forgetting`
+    (reported: test forgetting, or benchmark forgetting), with the std over seeds of both as error bars; dotted lines
+    at the metric's levels compared."""
+    x, y = f"{metric.validation} mean", f"{forgetting} mean"
     for label, front in fronts.items():
         ax.errorbar(front[x], front[y], xerr=front[f"{metric.validation} std"].fillna(0),
-                    yerr=front[f"{TEST_FORGETTING} std"].fillna(0), marker="o", capsize=3, label=label)
+                    yerr=front[f"{forgetting} std"].fillna(0), marker="o", capsize=3, label=label)
         label_dial_values(ax, front, x, y)
     for level in levels:
         ax.axvline(level, color="grey", ls=":", lw=0.8)
-    ax.set(xlabel=f"{LABELS[metric.validation]} (chooses and matches)", ylabel="test forgetting, lower is better")
+    ax.set(xlabel=f"{LABELS[metric.validation]} (chooses and matches)", ylabel=f"{LABELS[forgetting]}, lower is better")
     ax.set_title(f"each method's front (labels: dial value)\ndotted: the {metric.name} levels compared", fontsize=9)
     ax.legend(fontsize=8)
 
@@ -96,10 +100,12 @@ def sweep_plots(sweep_dir: Path, task: str, table: pd.DataFrame, front: pd.Serie
 
 
 def method_fronts_plot(sweep_dir: Path, task: str, fronts: dict[str, pd.DataFrame], levels: list[float],
-                       metric: TaskMetric) -> str:
-    """Draws plots/<task>_method_fronts.png; returns its path relative to sweep_dir."""
+                       metric: TaskMetric, forgetting: str = TEST_FORGETTING) -> str:
+    """Draws plots/<task>_method_fronts.png (test forgetting) or <task>_method_fronts_benchmarks.png (benchmark
+    forgetting); returns its path relative to sweep_dir."""
     (sweep_dir / "plots").mkdir(exist_ok=True)
-    return save(sweep_dir, f"plots/{task}_method_fronts.png", draw_method_fronts, fronts, levels, metric)
+    name = "method_fronts" if forgetting == TEST_FORGETTING else "method_fronts_benchmarks"
+    return save(sweep_dir, f"plots/{task}_{name}.png", draw_method_fronts, fronts, levels, metric, forgetting)
 
 
 def save(sweep_dir: Path, path: str, draw, *args) -> str:

@@ -44,6 +44,8 @@ def key_numbers(metrics: dict) -> list[tuple[str, str]]:
         ("KL on task inputs", fmt(interference.get("kl_task"), 6)),
         ("CKA", fmt(interference.get("cka"))),
         ("drift L2", fmt(interference.get("drift_l2"))),
+        *([("benchmark forgetting", fmt(interference["benchmark_forgetting"]))]
+          if "benchmark_forgetting" in interference else []),
         ("cache", " ".join(f"{k}:{v}" for k, v in metrics.get("cache", {}).items())),
         ("total time", f"{fmt(metrics['timing'].get('total_s'), 1)} s"),
     ]
@@ -128,6 +130,19 @@ def posthoc_lines(metrics: dict, metric: TaskMetric) -> list[str]:
     return lines
 
 
+def benchmark_lines(interference: dict) -> list[str]:
+    """One row per benchmark of eval.benchmarks: the pretrained and the fine-tuned model's scores."""
+    results = interference.get("benchmarks")
+    if not results:
+        return []
+    lines = ["", "## Benchmarks", "",
+             "lm-eval's tasks on the same seeded items before and after fine-tuning; stderr is the fine-tuned "
+             f"score's. Benchmark forgetting (mean drop, before − after): {fmt(interference['benchmark_forgetting'])}.",
+             "", "| benchmark | metric | items | before | after | after − before | stderr |", "|---|---|---|---|---|---|---|"]
+    return lines + [f"| {name} | {r['metric']} | {r['n']} | {fmt(r['before'])} | {fmt(r['after'])} | {r['delta']:+.4f} | "
+                    f"{fmt(r['stderr'])} |" for name, r in results.items()]
+
+
 def write_run_report(run_dir: Path, metrics: dict) -> None:
     lines = [f"# maskrun run · {run_dir.name}", ""]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in key_numbers(metrics)]
@@ -157,7 +172,7 @@ def write_run_report(run_dir: Path, metrics: dict) -> None:
                   f"weight drift ‖W_ft − W_pre‖ = {fmt(interference['drift_l2'])}; mean KL(pretrained ‖ fine-tuned) of "
                   f"the pretraining head's predictions on the task's test inputs {fmt(interference.get('kl_task'), 6)}."]
         plot = plot_interference_per_layer(run_dir, interference)
-        lines += ["", f"![{plot}]({plot})"]
+        lines += ["", f"![{plot}]({plot})"] + benchmark_lines(interference)
     lines += posthoc_lines(metrics, metric)
     lines += controls_lines(metrics.get("controls"), metric) + sequential_lines(metrics.get("sequential"))
     mask = metrics.get("mask")

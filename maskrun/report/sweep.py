@@ -25,12 +25,14 @@ from maskrun.report.task_metric import ACCURACY, TaskMetric, task_metric
 
 REALIZED = plots.REALIZED
 VALIDATION_FORGETTING, TEST_FORGETTING = plots.VALIDATION_FORGETTING, plots.TEST_FORGETTING
+BENCHMARK_FORGETTING = plots.BENCHMARK_FORGETTING
 INTERFERENCE = {  # column of summary.csv: its name in the report
     VALIDATION_FORGETTING: "validation forgetting",
     TEST_FORGETTING: "test forgetting",
     "interference.kl_task": "KL task",
     "interference.cka": "CKA",
     "interference.drift_l2": "drift L2",
+    BENCHMARK_FORGETTING: "benchmark forgetting",
 }
 # One group of seeds: a method at one value of its dial (`dial`, e.g. finetune.lr=0.001; a mask job's is its requested
 # mask.ratio) under one mask and other swept settings.
@@ -93,6 +95,12 @@ def metric_columns(metric: TaskMetric) -> dict[str, str]:
     reported, beside the task type's other test numbers and the interference measures."""
     return {metric.validation: f"validation {metric.name}", metric.test: f"test {metric.name}",
             **{f"task.test.{key}": f"test {name}" for key, name in metric.beside.items()}, **INTERFERENCE}
+
+
+def shown_columns(table: pd.DataFrame, columns: dict[str, str]) -> dict[str, str]:
+    """The report's columns, less benchmark forgetting where no job scored benchmarks (eval.benchmarks=[])."""
+    scored = table[f"{BENCHMARK_FORGETTING} mean"].notna().any()
+    return {name: header for name, header in columns.items() if scored or name != BENCHMARK_FORGETTING}
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
@@ -186,7 +194,7 @@ def setting_name(row: pd.Series) -> str:
 
 
 def task_section(task: str, table: pd.DataFrame, front: pd.Series, metric: TaskMetric) -> list[str]:
-    columns = metric_columns(metric)
+    columns = shown_columns(table, metric_columns(metric))
     meaning = f" In this task {metric.meaning}." if metric.meaning else ""
     lines = [f"## Task {task}", "", "Mean ± std over seeds (completed jobs only). " + RATIOS + meaning, "",
              "| method | strategy | ratio | realized | setting | seeds | " + " | ".join(columns.values()) + " |",
@@ -229,21 +237,26 @@ LEVELS = ("Test forgetting at common validation {metric} levels (evenly spaced o
           "level the headline compares at), interpolated linearly along each front in order of validation {metric} "
           "(in brackets: validation forgetting, on which the headline chooses). No extrapolation: "
           f"\"{compare.NOT_REACHED}\" means the level lies outside that method's front.")
+BENCHMARK_LEVELS = ("Benchmark forgetting (mean score drop over `eval.benchmarks`, before − after) at the same levels, "
+                    "interpolated along the same fronts: the fronts are chosen on validation forgetting, and the "
+                    "benchmarks, like test data, never choose.")
 
 
 def matched_section(sweep_dir: Path, task: str, table: pd.DataFrame, fronts: dict[str, pd.DataFrame],
                     metric: TaskMetric) -> list[str]:
     """A task's method points and fronts, its forgetting at common validation metric levels, and their plot."""
     name = metric.name
+    shown = shown_columns(table, {metric.validation: f"validation {name}", VALIDATION_FORGETTING: "validation forgetting",
+                                  metric.test: f"test {name}", TEST_FORGETTING: "test forgetting",
+                                  BENCHMARK_FORGETTING: "benchmark forgetting"})
     lines = [f"### {task}", "", MATCHED.format(metric=name), "",
-             f"| method | dial | setting | seeds | validation {name} | validation forgetting | test {name} | "
-             "test forgetting | on front |", "|---|---|---|---|---|---|---|---|---|"]
+             "| method | dial | setting | seeds | " + " | ".join(shown.values()) + " | on front |",
+             "|---|---|---|---|" + "---|" * (len(shown) + 1)]
     for label, points in table.groupby("label", sort=True):
         on_front = compare.pareto_front(points, metric)
         for index, row in points.iterrows():
             cells = [label, row["dial"] or "–", row["setting"] or "–", str(row["seeds"])]
-            cells += [mean_std(row, m) for m in (metric.validation, VALIDATION_FORGETTING, metric.test,
-                                                   TEST_FORGETTING)]
+            cells += [mean_std(row, m) for m in shown]
             lines.append("| " + " | ".join(cells + ["yes" if on_front[index] else "–"]) + " |")
     if not fronts:
         return lines + ["", f"No front: no setting recorded both validation {name} and validation forgetting.", ""]
@@ -254,7 +267,16 @@ def matched_section(sweep_dir: Path, task: str, table: pd.DataFrame, fronts: dic
         cells = [matched_cell(front, level, metric) for front in fronts.values()]
         lines.append(f"| {level:.4f} | " + " | ".join(cells) + " |")
     plot = plots.method_fronts_plot(sweep_dir, task, fronts, levels, metric)
-    return lines + ["", f"![{plot}]({plot})", ""]
+    lines += ["", f"![{plot}]({plot})", ""]
+    if BENCHMARK_FORGETTING in shown:
+        lines += [BENCHMARK_LEVELS, "", f"| validation {name} | " + " | ".join(fronts) + " |",
+                  "|---|" + "---|" * len(fronts)]
+        for level in levels:
+            cells = [benchmark_cell(front, level, metric) for front in fronts.values()]
+            lines.append(f"| {level:.4f} | " + " | ".join(cells) + " |")
+        plot = plots.method_fronts_plot(sweep_dir, task, fronts, levels, metric, BENCHMARK_FORGETTING)
+        lines += ["", f"![{plot}]({plot})", ""]
+    return lines
 
 
 def matched_cell(front: pd.DataFrame, level: float, metric: TaskMetric) -> str:
@@ -262,6 +284,11 @@ def matched_cell(front: pd.DataFrame, level: float, metric: TaskMetric) -> str:
     if test is None:
         return compare.NOT_REACHED
     return f"{test:.4f} ({compare.at_accuracy(front, level, VALIDATION_FORGETTING, metric):.4f})"
+
+
+def benchmark_cell(front: pd.DataFrame, level: float, metric: TaskMetric) -> str:
+    value = compare.at_accuracy(front, level, BENCHMARK_FORGETTING, metric)
+    return compare.NOT_REACHED if value is None else f"{value:.4f}"
 
 
 def correlation_section(summary: pd.DataFrame) -> list[str]:
@@ -346,7 +373,7 @@ def print_sweep_table(sweep_dir: Path, summary: pd.DataFrame) -> None:
     metrics = task_metrics(summary)
     for task, table in aggregate(summary).groupby("task.name"):
         metric = metrics[task]
-        shown = {name: header for name, header in metric_columns(metric).items()
+        shown = {name: header for name, header in shown_columns(table, metric_columns(metric)).items()
                  if name not in {f"task.test.{key}" for key in metric.beside} | {"interference.kl_task"}}
         view = Table(title=f"maskrun sweep · {task} · {sweep_dir}")
         for header in ["method", "strategy", "ratio", "realized", "setting", "seeds", *shown.values()]:
