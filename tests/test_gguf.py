@@ -29,7 +29,7 @@ PARTS = [f"{PACKAGE}/data/{FILE}.part00", f"{PACKAGE}/data/{FILE}.part01"]
 TINY_RUN = ["model=smollm2_135m", "model.name=tiny_gguf", f"model.gguf.file={FILE}", f"model.gguf.parts=[{','.join(PARTS)}]",
             "dataset=arithmetic", "dataset.num_examples=60", "dataset.corpus_max_texts=200", "finetune.epochs=1",
             "finetune.batch_size=8", "finetune.max_length=48", "pretrain.max_length=32", "eval.max_new_tokens=4",
-            "eval.heldout_texts=16", "mask.ratio=0.5", "device=cpu"]
+            "eval.heldout_texts=16", "eval.benchmarks=[]", "mask.ratio=0.5", "device=cpu"]
 
 
 def permuted(weight: torch.Tensor, heads: int) -> torch.Tensor:
