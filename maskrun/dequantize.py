@@ -16,8 +16,6 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
-
 from maskrun.data.packaged import package_path
 
 SOURCE_FILE = "gguf_source.json"  # what the checkpoint was dequantized from, in its cache entry
@@ -98,6 +96,7 @@ def quantization(path: Path) -> str:
 
 def dequantize(gcfg, out_dir: Path) -> None:
     """The checkpoint in fp32 and its tokenizer, saved into out_dir with a record of their source."""
+    import torch  # the cache keys import this module: torch only where a checkpoint is made
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = located(gcfg)
