@@ -108,7 +108,7 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, log_pretrain_step: Call
         model = task.load_model(pretrained_dir, dtype).to(device)
         params = eligible_parameters(model, pretrained_names(pretrained_dir), cfg.mask.include, cfg.mask.exclude)
         mask_dir, hits["mask"] = cache.fetch(
-            "mask", stages.mask(cfg, pretrained_dir, scores_dir),
+            "mask", stages.mask(cfg, pretrained_dir, scores_dir, params),
             lambda out: write_mask(build_mask(cfg.mask, params, mask_scores(), cfg.seed,
                                               neuron_axes(model, params)), out))
         if processes.is_main:

@@ -42,7 +42,7 @@ def posthoc_curve(cfg, cache, model: torch.nn.Module, task, corpus, pretrained_d
     records = []
     for ratio in cfg.eval.posthoc_reset:
         ratio_cfg = OmegaConf.merge(cfg, {"mask": {"ratio": ratio}})
-        mask_dir, hit = cache.fetch("mask", stages.mask(ratio_cfg, pretrained_dir, scores_dir), lambda out: write_mask(
+        mask_dir, hit = cache.fetch("mask", stages.mask(ratio_cfg, pretrained_dir, scores_dir, pretrained), lambda out: write_mask(
             build_mask(ratio_cfg.mask, pretrained, scores, cfg.seed, axes), out))
         reset = load_file(mask_dir / MASK_FILE)
         with torch.no_grad():

@@ -139,13 +139,16 @@ def selection(cfg, pretrained_dir: Path) -> dict:
                         **declared)
 
 
-def mask(cfg, pretrained_dir: Path, scores_dir: Path | None) -> dict:
-    """The mask settings; mask=file's file by its content, not its name (a copy of it is the same mask)."""
+def mask(cfg, pretrained_dir: Path, scores_dir: Path | None, eligible: dict) -> dict:
+    """The mask settings and the tensors it is drawn over, by name and shape: the task type decides which a run may
+    train (an instruction task's LM head, a classification task's new head), so two tasks on one checkpoint share
+    no mask. mask=file's file counts by its content, not its name (a copy of it is the same mask)."""
     settings = plain(cfg.mask)
     if settings.get("path"):
         settings["path"] = file_digest(Path(settings["path"]))
     return stage_inputs("mask", pretrained=Path(pretrained_dir).name, scores=scores_dir and Path(scores_dir).name,
-                        mask=settings, seed=cfg.seed)
+                        mask=settings, eligible={name: list(p.shape) for name, p in sorted(eligible.items())},
+                        seed=cfg.seed)
 
 
 def scratch(cfg, tokenizer_dir: Path) -> dict:

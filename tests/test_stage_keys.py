@@ -232,3 +232,33 @@ def test_python_code_is_keyed_by_the_python_whose_standard_library_it_reads(monk
     here, version = stages.task(cfg.dataset), platform.python_version()
     monkeypatch.setattr(stages.platform, "python_version", lambda: "0.0.0")
     assert here["python"] == version and stages.task(cfg.dataset)["python"] == "0.0.0"
+
+
+def test_a_mask_is_the_same_whichever_task_type_ran_first_on_the_checkpoint(tmp_path, tiny_llama_dir):
+    """A classification task may train a new head but not the LM head, an instruction task the LM head: the mask
+    stage is keyed by the tensors it is drawn over, so an instruction run never reuses a classification run's mask."""
+    from safetensors.torch import load_file
+
+    from conftest import maskrun
+
+    checkpoint = ["experiment=smoke", "model=hf", f"model.name_or_path={tiny_llama_dir}", "pretrain.steps=0",
+                  "mask=random", "mask.ratio=0.5", "finetune.epochs=1", "eval.heldout_texts=20"]
+    classification = [*checkpoint, "dataset.max_examples=60"]
+    instruction = [*checkpoint, "dataset=arithmetic", "dataset.num_examples=60"]
+
+    def masks(*jobs: list[str], cwd: Path) -> list[dict]:
+        """The masks of `jobs` run one after another on one cache."""
+        cwd.mkdir()
+        found = []
+        for number, args in enumerate(jobs):
+            maskrun([*args, f"hydra.run.dir=runs/{number}"], cwd)
+            metrics = load_metrics(cwd / "runs" / str(number))
+            found.append(load_file(cwd / "runs" / str(number) / "mask.safetensors") | {"ratio": metrics["mask"]})
+        return found
+
+    (alone,) = masks(instruction, cwd=tmp_path / "alone")
+    classified, after_classification = masks(classification, instruction, cwd=tmp_path / "after")
+    assert "lm_head.weight" in alone and "lm_head.weight" not in classified
+    assert alone.keys() == after_classification.keys()
+    assert all(alone[name].equal(after_classification[name]) for name in alone if name != "ratio")
+    assert after_classification["ratio"]["ratio_actual"] == alone["ratio"]["ratio_actual"]
