@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import load_metrics, maskrun, run_dirs
 from maskrun.benchmarks import BENCHMARKS, check_benchmarks, drawn_items
+from maskrun.benchmarks.score import paired_stderr
 from maskrun.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -70,6 +71,16 @@ def test_a_run_records_each_benchmark_before_and_after_and_the_mean_drop(two_run
         assert 0.0 <= result["before"] <= 1.0 and 0.0 <= result["after"] <= 1.0 and result["stderr"] >= 0.0
         assert result["delta"] == pytest.approx(result["after"] - result["before"])
         assert metrics["interference"]["benchmark_forgetting"] == pytest.approx(result["before"] - result["after"])
+        assert metrics["interference"]["benchmark_forgetting_stderr"] == pytest.approx(result["delta_stderr"])
+        assert result["delta_stderr"] >= 0.0
+
+
+def test_the_change_of_a_score_has_the_paired_stderr_of_its_items_changes():
+    """Two models scored on the same items: the items' own difficulty cancels, so only the items that changed count."""
+    before = {"0": 1.0, "1": 0.0, "2": 1.0, "3": 0.0}
+    assert paired_stderr(before, dict(before)) == 0.0  # nothing changed: no uncertainty about the change
+    after = before | {"2": 0.0}  # changes 0, 0, -1, 0: stdev 0.5 over sqrt(4) items
+    assert paired_stderr(before, after) == pytest.approx(0.25)
 
 
 def test_the_pretrained_scores_are_computed_once_and_reused_by_a_run_that_fine_tunes_otherwise(two_runs):

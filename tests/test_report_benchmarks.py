@@ -17,7 +17,7 @@ def with_benchmarks(jobs: list[dict]) -> list[dict]:
         drop = metrics["interference"]["forgetting"] * (1 if metrics["method"]["name"] == "full" else -1) + num / 1000
         metrics["interference"] |= {"benchmark_forgetting": drop, "benchmarks": {
             "arc_easy": {"metric": "acc_norm", "before": 0.5, "after": 0.5 - drop, "delta": -drop, "stderr": 0.03,
-                         "n": 200}}}
+                         "delta_stderr": 0.01, "n": 200}}, "benchmark_forgetting_stderr": 0.01}
     return jobs
 
 
@@ -55,6 +55,7 @@ def test_the_run_report_tables_each_benchmark_before_and_after():
     lines = benchmark_lines(interference)
     result = interference["benchmarks"]["arc_easy"]
     assert lines[:2] == ["", "## Benchmarks"] and f"{interference['benchmark_forgetting']:.4f}" in lines[3]
-    assert "| benchmark | metric | items | before | after | after − before | stderr |" in lines
-    assert f"| arc_easy | acc_norm | 200 | 0.5000 | {result['after']:.4f} | {result['delta']:+.4f} | 0.0300 |" in lines
+    assert "| benchmark | metric | items | before | after | after − before | ± (paired) | stderr of after |" in lines
+    assert (f"| arc_easy | acc_norm | 200 | 0.5000 | {result['after']:.4f} | {result['delta']:+.4f} | 0.0100 | "
+            "0.0300 |") in lines
     assert benchmark_lines({"forgetting": 0.1}) == []  # eval.benchmarks=[]

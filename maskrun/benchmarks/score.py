@@ -9,7 +9,9 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -100,11 +102,13 @@ def score(model, tokenizer, name: str, ecfg) -> dict:
         results = lm_eval.simple_evaluate(
             model=lm, tasks=[config], num_fewshot=ecfg.benchmark_fewshot,
             samples={name: drawn_items(size, ecfg.benchmark_limit)}, task_manager=TaskManager(include_defaults=False),
-            log_samples=False, verbosity="ERROR")
+            log_samples=True, verbosity="ERROR")
     found = results["results"][name]
     stderr = found.get(f"{benchmark.metric}_stderr,none")
+    items = {str(sample["doc_id"]): float(sample[benchmark.metric]) for sample in results["samples"][name]}
     return {"metric": benchmark.metric, "score": found[f"{benchmark.metric},none"],
-            "stderr": stderr if isinstance(stderr, float) else None, "n": results["n-samples"][name]["effective"]}
+            "stderr": stderr if isinstance(stderr, float) else None, "n": results["n-samples"][name]["effective"],
+            "items": items}
 
 
 def fetch_before(cache, cfg, pretrained_dir: Path, pretrained_lm, tokenizer, name: str) -> tuple[dict, str]:
@@ -131,6 +135,16 @@ def benchmark_forgetting(cfg, cache, pretrained_dir: Path, finetuned_model, task
                                                           name)
         after = score(finetuned_lm, task.tokenizer, name, cfg.eval)
         per_benchmark[name] = {"metric": after["metric"], "before": before["score"], "after": after["score"],
-                               "delta": after["score"] - before["score"], "stderr": after["stderr"], "n": after["n"]}
+                               "delta": after["score"] - before["score"], "stderr": after["stderr"],
+                               "delta_stderr": paired_stderr(before["items"], after["items"]), "n": after["n"]}
     drops = [-result["delta"] for result in per_benchmark.values()]
-    return {"benchmarks": per_benchmark, "benchmark_forgetting": sum(drops) / len(drops)}
+    spread = math.sqrt(sum(result["delta_stderr"] ** 2 for result in per_benchmark.values())) / len(per_benchmark)
+    return {"benchmarks": per_benchmark, "benchmark_forgetting": sum(drops) / len(drops),
+            "benchmark_forgetting_stderr": spread}
+
+
+def paired_stderr(before: dict[str, float], after: dict[str, float]) -> float:
+    """The standard error of the mean change over the same items: the items' own difficulty cancels out, so it is
+    the uncertainty of a drop, far smaller than either score's."""
+    changes = [after[item] - before[item] for item in before]
+    return statistics.stdev(changes) / math.sqrt(len(changes)) if len(changes) > 1 else 0.0
