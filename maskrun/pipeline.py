@@ -141,7 +141,7 @@ def run(cfg, cache: Cache, run_dir: Path, metrics: dict, log_pretrain_step: Call
         processes.gather(trained, model)
         if not processes.is_main:  # the other ranks' part ends with fine-tuning
             return
-        metrics["finetune"] = {"resumed_from_step": checkpointing.resumed_from_step}
+        metrics["finetune"] = {"lr": float(cfg.finetune.lr), "resumed_from_step": checkpointing.resumed_from_step}
         if moving:  # the run's mask: the entries frozen at every step
             frozen = moving.frozen_throughout()
             save_mask(frozen, run_dir / MASK_FILE)

@@ -553,7 +553,7 @@ def check_task_type(cfg: DictConfig) -> None:
 
 def check_finetune_recipe(fcfg: DictConfig, ocfg: DictConfig) -> None:
     one_of(fcfg.precision, PRECISIONS, "finetune.precision")
-    if fcfg.max_grad_norm is not None and (not is_number(fcfg.max_grad_norm) or fcfg.max_grad_norm <= 0):
+    if fcfg.max_grad_norm is not None and (not is_number(fcfg.max_grad_norm) or not 0 < fcfg.max_grad_norm < math.inf):
         raise ConfigError(f"finetune.max_grad_norm={fcfg.max_grad_norm!r} must be a positive number or null",
                           "e.g. finetune.max_grad_norm=1.0, or null for no clipping")
     in_range(fcfg.warmup_ratio, "finetune.warmup_ratio", "0.1", 0.0, 1.0, upper_open=True)
@@ -569,9 +569,18 @@ def check_finetune_recipe(fcfg: DictConfig, ocfg: DictConfig) -> None:
         if fcfg.unfreeze_after >= fcfg.epochs:
             raise ConfigError(f"finetune.unfreeze_after={fcfg.unfreeze_after} leaves no epoch of the {fcfg.epochs} to train unfrozen",
                               "set finetune.unfreeze_after below finetune.epochs, or null")
+    if "betas" in ocfg:
+        betas = OmegaConf.to_object(ocfg.betas) if OmegaConf.is_list(ocfg.betas) else ocfg.betas
+        if not (isinstance(betas, list) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"optimizer.betas={betas!r} must be two numbers in [0, 1)", "e.g. optimizer.betas=[0.9,0.999]")
+    if "eps" in ocfg and not (is_number(ocfg.eps) and 0 < ocfg.eps < math.inf):
+        raise ConfigError(f"optimizer.eps={ocfg.eps!r} must be a positive number", "e.g. optimizer.eps=1e-8")
     if ocfg.name == "sgd":
         if not is_number(ocfg.momentum) or not 0 <= ocfg.momentum < 1:
             raise ConfigError(f"optimizer.momentum={ocfg.momentum!r} must be a number in [0, 1)", "e.g. optimizer.momentum=0.9")
+        if not isinstance(ocfg.nesterov, bool):
+            raise ConfigError(f"optimizer.nesterov={ocfg.nesterov!r} is not true or false",
+                              "optimizer.nesterov=true or optimizer.nesterov=false")
         if ocfg.nesterov and ocfg.momentum == 0:
             raise ConfigError("optimizer.nesterov=true needs momentum", "set optimizer.momentum=0.9, or optimizer.nesterov=false")
 

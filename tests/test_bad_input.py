@@ -113,6 +113,13 @@ BAD_COMMAND_LINES = [
     (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "seed=0,1"], "hydra.launcher.n_jobs=0"),
     (["-m", "hydra/launcher=slurm", "seed=0,1"], "srun is not on this machine's PATH"),
     (["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=0"], "hydra.launcher.timeout_min=0"),
+    (["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+    (["optimizer.betas=[nan,0.999]"], "optimizer.betas=[nan, 0.999] must be two numbers in [0, 1)"),
+    (["optimizer.betas=0.9"], "optimizer.betas=0.9 must be two numbers in [0, 1)"),
+    (["optimizer.eps=nan"], "optimizer.eps=nan must be a positive number"),
+    (["optimizer.eps=-1"], "optimizer.eps=-1 must be a positive number"),
+    (["finetune.max_grad_norm=nan"], "finetune.max_grad_norm=nan must be a positive number or null"),
+    (["optimizer=sgd", "optimizer.nesterov=maybe"], "optimizer.nesterov='maybe' is not true or false"),
     (["--cfg", "jobb"], "invalid choice: 'jobb'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ]

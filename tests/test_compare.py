@@ -167,6 +167,21 @@ def test_a_presets_setting_files_are_not_settings_of_their_own(tmp_path):
     assert set(aggregate(summary).groupby("label").size().to_dict().items()) == {("full", 3), ("mask/importance", 2)}
 
 
+def test_a_setting_files_learning_rate_keeps_its_jobs_apart_from_the_same_dial_at_another(tmp_path):
+    """experiment=llm_methods runs LoRA rank 8 at two learning rates, each set in its setting file: two settings of
+    one seed each, never one setting of two seeds."""
+    jobs = []
+    for lr in (1e-3, 3e-3):
+        job = method_metrics("lora", "method.rank", 8, 0, FULL[1e-3])
+        job["overrides"] = [f"+experiment/llm_methods=lora_r8_lr{lr:g}", "seed=0", "experiment=llm_methods"]
+        job["finetune"] = {"lr": lr, "resumed_from_step": None}
+        jobs.append(job)
+    write_sweep(tmp_path, jobs)
+    summary = summary_table(tmp_path)
+    assert list(summary["setting"]) == ["finetune.lr=0.001", "finetune.lr=0.003"]
+    assert list(aggregate(summary)["seeds"]) == [1, 1]
+
+
 def test_trainable_share_is_of_the_whole_task_model_whatever_is_eligible(tmp_path):
     narrow = method_metrics("ewc", "method.strength", 1e5, 0, FULL[1e-3], trainable=ELIGIBLE + HEAD)
     narrow["mask"]["eligible"] = 100  # mask.exclude left most of the backbone out of the mask, not out of training

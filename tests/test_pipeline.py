@@ -17,6 +17,7 @@ def test_smoke_run_writes_every_artifact(smoke_run):
     assert metrics["status"] == "ok" and metrics["error"] is None
     assert metrics["choices"]["mask"] == "importance" and metrics["choices"]["experiment"] == "smoke"
     assert "optimizer.weight_decay=0.1" in metrics["overrides"]
+    assert metrics["finetune"] == {"lr": 1e-3, "resumed_from_step": None}  # the learning rate it trained at
     test = metrics["task"]["test"]
     assert 0.0 <= test["accuracy"] <= 1.0 and 0.0 <= test["macro_f1"] <= 1.0
     interference = metrics["interference"]

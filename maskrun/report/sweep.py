@@ -77,7 +77,7 @@ def summary_table(sweep_dir: Path) -> pd.DataFrame:
     frame.insert(0, "job", [str(d.relative_to(sweep_dir)) for d in dirs])
     overrides = [job.get("overrides") or [] for job in jobs]
     add_method_columns(frame)
-    frame["setting"] = varying_overrides(overrides, list(frame["method.dial.key"]))
+    frame["setting"] = varying_overrides(overrides, list(frame["method.dial.key"]), list(column(frame, "finetune.lr")))
     for name in frame.columns:  # lists (overrides, labels, ...) as one JSON cell each
         if frame[name].map(lambda v: isinstance(v, list)).any():
             frame[name] = frame[name].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
@@ -136,10 +136,15 @@ def add_method_columns(frame: pd.DataFrame) -> None:
     frame["trainable_share"] = trainable / total
 
 
-def varying_overrides(overrides: list[list[str]], dial_keys: list) -> list[str]:
-    """Per job, the overrides that differ between jobs other than the method, its dial, mask, ratio and seed
-    (e.g. `finetune.lr=...` of a mask job; for a method=full job the learning rate is its dial)."""
+def varying_overrides(overrides: list[list[str]], dial_keys: list, learning_rates: list) -> list[str]:
+    """Per job, the settings that differ between jobs other than the method, its dial, mask, ratio and seed
+    (e.g. `finetune.lr=...` of a mask job; for a method=full job the learning rate is its dial). The learning rate
+    is the one the job recorded (`finetune.lr`), whether a command line or a setting file set it: a second dial of
+    every method."""
     parsed = [parse_overrides(job) for job in overrides]
+    for job, lr in zip(parsed, learning_rates):
+        if isinstance(lr, numbers.Real) and not math.isnan(lr):
+            job["finetune.lr"] = f"{lr:g}"
     # A preset and its per-job setting files (+experiment/methods=...) name settings; the columns show what they set.
     keys = sorted(k for k in {k for job in parsed for k in job} - {"method", "mask", "mask.ratio", "seed"}
                   if k.lstrip("+~").split("/")[0] != "experiment")
