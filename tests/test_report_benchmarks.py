@@ -59,3 +59,12 @@ def test_the_run_report_tables_each_benchmark_before_and_after():
     assert (f"| arc_easy | acc_norm | 200 | 0.5000 | {result['after']:.4f} | {result['delta']:+.4f} | 0.0100 | "
             "0.0300 |") in lines
     assert benchmark_lines({"forgetting": 0.1}) == []  # eval.benchmarks=[]
+
+
+def test_a_run_from_before_paired_stderrs_still_renders_its_benchmarks():
+    """maskrun-report re-renders old runs: one recorded without delta_stderr shows "–" there, never a KeyError."""
+    older = {"benchmarks": {"arc_easy": {"metric": "acc_norm", "before": 0.3, "after": 0.28, "delta": -0.02,
+                                         "stderr": 0.01, "n": 100}}, "benchmark_forgetting": 0.02}
+    lines = benchmark_lines(older)
+    assert lines[-1] == "| arc_easy | acc_norm | 100 | 0.3000 | 0.2800 | -0.0200 | – | 0.0100 |"
+    assert "0.0200 ± –." in lines[3]

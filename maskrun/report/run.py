@@ -45,7 +45,7 @@ def key_numbers(metrics: dict) -> list[tuple[str, str]]:
         ("CKA", fmt(interference.get("cka"))),
         ("drift L2", fmt(interference.get("drift_l2"))),
         *([("benchmark forgetting", f"{fmt(interference['benchmark_forgetting'])} ± "
-                                    f"{fmt(interference['benchmark_forgetting_stderr'])}")]
+                                    f"{fmt(interference.get('benchmark_forgetting_stderr'))}")]
           if "benchmark_forgetting" in interference else []),
         ("cache", " ".join(f"{k}:{v}" for k, v in metrics.get("cache", {}).items())),
         ("total time", f"{fmt(metrics['timing'].get('total_s'), 1)} s"),
@@ -140,11 +140,11 @@ def benchmark_lines(interference: dict) -> list[str]:
              "lm-eval's tasks on the same seeded items before and after fine-tuning. The change's stderr is paired "
              "(over the items' own changes); the score's is the fine-tuned score's. Benchmark forgetting (mean drop, "
              f"before − after): {fmt(interference['benchmark_forgetting'])} ± "
-             f"{fmt(interference['benchmark_forgetting_stderr'])}.", "",
+             f"{fmt(interference.get('benchmark_forgetting_stderr'))}.", "",
              "| benchmark | metric | items | before | after | after − before | ± (paired) | stderr of after |",
              "|---|---|---|---|---|---|---|---|"]
     return lines + [f"| {name} | {r['metric']} | {r['n']} | {fmt(r['before'])} | {fmt(r['after'])} | {r['delta']:+.4f} | "
-                    f"{fmt(r['delta_stderr'])} | {fmt(r['stderr'])} |" for name, r in results.items()]
+                    f"{fmt(r.get('delta_stderr'))} | {fmt(r['stderr'])} |" for name, r in results.items()]
 
 
 def write_run_report(run_dir: Path, metrics: dict) -> None:

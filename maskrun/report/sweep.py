@@ -9,6 +9,7 @@ Each task is reported in its own metric, the one its jobs recorded as `task.metr
 classification, learning for causal_lm, exact match for instruction: maskrun.report.task_metric).
 """
 
+import contextlib
 import json
 import math
 import numbers
@@ -145,6 +146,9 @@ def varying_overrides(overrides: list[list[str]], dial_keys: list, learning_rate
     for job, lr in zip(parsed, learning_rates):
         if isinstance(lr, numbers.Real) and not math.isnan(lr):
             job["finetune.lr"] = f"{lr:g}"
+        elif "finetune.lr" in job:  # a job from before the learning rate was recorded: its override, as recorded ones read
+            with contextlib.suppress(ValueError):
+                job["finetune.lr"] = f"{float(job['finetune.lr']):g}"
     # A preset and its per-job setting files (+experiment/methods=...) name settings; the columns show what they set.
     keys = sorted(k for k in {k for job in parsed for k in job} - {"method", "mask", "mask.ratio", "seed"}
                   if k.lstrip("+~").split("/")[0] != "experiment")
